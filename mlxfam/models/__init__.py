@@ -1,0 +1,27 @@
+"""The family registry: config.json -> the family that loads it."""
+
+from __future__ import annotations
+
+from ..errors import MlxfamError
+from . import llama
+from .family import Family
+
+FAMILIES: tuple[Family, ...] = (llama.FAMILY,)
+
+
+def family_for(hf_config: dict, source: str = "config.json") -> Family:
+    """Dispatch on `architectures` first (it is what the checkpoint was saved as), then `model_type`."""
+    architectures = hf_config.get("architectures") or []
+    for family in FAMILIES:
+        if any(a in family.architectures for a in architectures):
+            return family
+    model_type = hf_config.get("model_type")
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    known_archs = sorted(a for f in FAMILIES for a in f.architectures)
+    known_types = sorted(t for f in FAMILIES for t in f.model_types)
+    raise MlxfamError(
+        f"{source}: unknown architecture {architectures or None} / model_type {model_type!r}. "
+        f"Known architectures: {', '.join(known_archs)}; known model_type values: {', '.join(known_types)}"
+    )

@@ -1,0 +1,171 @@
+"""The parts every Llama-like family shares: config, attention, MLP, decoder layer, causal LM.
+
+Module and parameter names follow the Hugging Face Llama layout (`model.layers.N.self_attn.q_proj`),
+so a Llama-format checkpoint loads without renaming; a family whose checkpoint differs renames or
+splits its tensors in its own `sanitize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import KVCache, RotatingKVCache, attention_mask
+from ..errors import MlxfamError
+from .rope import RopeConfig, RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What a family's HF config means, in one normalised shape the shared parts read."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    rope: RopeConfig | None
+    max_position_embeddings: int | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # Per layer: the sliding-window width (keys q-W < k <= q) or None for full attention.
+    sliding_windows: tuple[int | None, ...] = field(default=())
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise MlxfamError(
+                f"config: num_attention_heads ({self.num_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if not self.sliding_windows:
+            object.__setattr__(self, "sliding_windows", (None,) * self.num_layers)
+
+
+def require(hf: dict, *keys: str):
+    """The first of `keys` present in an HF config dict (families rename fields), or a clear error."""
+    for key in keys:
+        if hf.get(key) is not None:
+            return hf[key]
+    raise MlxfamError(f"config.json: missing field {' / '.join(repr(k) for k in keys)}")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
+        self.rope = RotaryEmbedding(cfg.rope)
+
+    def project_qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def __call__(self, x: mx.array, mask, cache: KVCache | None) -> mx.array:
+        batch, length, _ = x.shape
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = k.reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = v.reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with SiLU, GeGLU with GELU."""
+
+    def __init__(self, cfg: ModelConfig, activation=nn.silu):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.activation = activation
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h = x + attn(norm1(x)); out = h + mlp(norm2(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = GatedMLP(cfg)
+        self.sliding_window = cfg.sliding_windows[layer_idx]
+
+    def __call__(self, x: mx.array, mask, cache: KVCache | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    """Embedding, the layer stack and the final norm (HF's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig, layer_class=DecoderLayer):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [layer_class(cfg, i) for i in range(cfg.num_layers)]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        cache = cache or [None] * len(self.layers)
+        masks = {}  # one mask per distinct window, shared by the layers that use it
+        for layer, layer_cache in zip(self.layers, cache):
+            window = layer.sliding_window
+            if window not in masks:
+                length = inputs.shape[1]
+                masks[window] = (
+                    layer_cache.make_mask(length, window) if layer_cache else attention_mask(length, 0, window)
+                )
+            h = layer(h, masks[window], layer_cache)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """The mlx-lm model protocol: `model(inputs, cache=...)` -> logits `(B, L, vocab)`."""
+
+    def __init__(self, cfg: ModelConfig, model: nn.Module):
+        super().__init__()
+        self.config = cfg
+        self.model = model
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> list:
+        return self.model.layers
+
+    @property
+    def context_length(self) -> int | None:
+        return self.config.max_position_embeddings
+
+    def make_cache(self, max_kv_size: int | None = None, keep: int = 4) -> list:
+        """One cache per layer; `max_kv_size` bounds it (the first `keep` tokens always stay)."""
+        if max_kv_size is None:
+            return [KVCache() for _ in self.layers]
+        return [RotatingKVCache(max_kv_size, keep) for _ in self.layers]
+
+    def logits(self, h: mx.array) -> mx.array:
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        return self.logits(self.model(inputs, cache))

@@ -1,0 +1,19 @@
+"""What a family is to the loader: how to read its config, which model to build, how its tensors are named."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .base import CausalLM, ModelConfig
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    description: str
+    model_types: tuple[str, ...]  # config.json `model_type` values this family loads
+    architectures: tuple[str, ...]  # config.json `architectures` values this family loads
+    config: Callable[[dict], ModelConfig]  # HF config.json -> ModelConfig
+    model_class: type[CausalLM]
+    sanitize: Callable[[dict, ModelConfig], dict]  # checkpoint tensors -> this model's parameter names
