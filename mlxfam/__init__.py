@@ -1,0 +1,21 @@
+"""mlxfam: every Llama-like LLM family on MLX, from its original checkpoint.
+
+    model, tokenizer = mlxfam.load("smollm2-135m")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    print(mlxfam.generate(model, tokenizer, ids, max_tokens=64))
+"""
+
+from .errors import MlxfamError
+from .generate import GenerationResponse, generate, generate_step, stream_generate
+from .loader import load
+from .tokenizer import Tokenizer
+
+__all__ = [
+    "GenerationResponse",
+    "MlxfamError",
+    "Tokenizer",
+    "generate",
+    "generate_step",
+    "load",
+    "stream_generate",
+]
