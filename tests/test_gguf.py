@@ -73,7 +73,7 @@ def write_yi_gguf(path: Path, kind: int) -> dict[str, np.ndarray]:
 
 
 def golden_logits(model, ids) -> np.ndarray:
-    return np.array(model(mx.array([ids], dtype=mx.int32))[0])
+    return np.array(model(mx.array(np.asarray(ids).reshape(1, -1), dtype=mx.int32))[0])
 
 
 @pytest.mark.parametrize("kind", [gw.F32, gw.F16])
@@ -167,7 +167,8 @@ def test_smollm2_exported_to_hf_layout_loads_with_same_logits(smollm2, smollm2_g
         if f"{stem}.scales" in weights:
             packed, scales = weights[name], weights[f"{stem}.scales"]
             bits = packed.shape[-1] // scales.shape[-1]  # 32-value groups: bits = packed words per group
-            dense[name] = mx.dequantize(packed, scales, weights[f"{stem}.biases"], 32, bits)
+            biases = weights[f"{stem}.biases"]
+            dense[name] = mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32), 32, bits)
         else:
             dense[name] = weights[name]
     mx.save_safetensors(str(tmp_path / "model.safetensors"), {k: v.astype(mx.float32) for k, v in dense.items()})
