@@ -74,3 +74,21 @@ def test_rotating_cache_mask_matches_its_visibility_rule():
 def test_keep_must_leave_room():
     with pytest.raises(mlxfam.MlxfamError, match=r"max_kv_size \(4\) must be larger than keep \(4\)"):
         RotatingKVCache(4, keep=4)
+
+
+class SilentTokenizer:
+    """Just enough tokenizer for stream_generate over raw ids."""
+
+    eos_token_ids: list = []
+
+    def detokenizer(self):
+        return type("Detokenizer", (), {"add_token": lambda self, t: "", "finalize": lambda self: ""})()
+
+
+def test_prompt_past_the_context_is_refused_unless_the_cache_is_bounded():
+    model, _ = mlxfam.load(GOLDEN / "yi", dtype="float32")  # max_position_embeddings 128
+    prompt = list(range(3, 203))
+    with pytest.raises(mlxfam.MlxfamError, match=r"200 tokens.*context is 128 tokens.*--max-kv-size"):
+        list(mlxfam.stream_generate(model, SilentTokenizer(), prompt, max_tokens=4))
+    steps = list(mlxfam.stream_generate(model, SilentTokenizer(), prompt, max_tokens=4, max_kv_size=64))
+    assert len(steps) == 4 and steps[-1].finish_reason == "length"
