@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlxfam
 from mlxfam import hub
 from mlxfam.errors import MlxfamError
-from mlxfam.sample import make_logits_processors, validate_sampling
+from mlxfam.generate import check_generation_options
 
 from .chat import ChatSession, render_prompt, run_chat, stats_lines, terminal_lines
 
@@ -64,13 +64,7 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
 
 def generation_options(args: argparse.Namespace) -> dict:
     """The stream_generate keyword arguments from the flags, checked before the (slow) model load."""
-    validate_sampling(args.temp, args.top_k, args.top_p, args.min_p)
-    make_logits_processors(args.repetition_penalty, args.repetition_context_size)  # validates both
-    for name, minimum in [("max_tokens", 0), ("prefill_step_size", 1), ("max_kv_size", 1)]:
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise MlxfamError(f"{name} must be an integer >= {minimum}, got {value}")
-    return dict(
+    options = dict(
         max_tokens=args.max_tokens,
         temp=args.temp,
         top_k=args.top_k,
@@ -83,6 +77,8 @@ def generation_options(args: argparse.Namespace) -> dict:
         prefill_step_size=args.prefill_step_size,
         max_kv_size=args.max_kv_size,
     )
+    check_generation_options(**options)
+    return options
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

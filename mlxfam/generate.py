@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .errors import MlxfamError
-from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
+from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler, validate_sampling
 
 # Thread-local so that generation also works from a worker thread (a plain stream belongs to
 # the thread that created it).
@@ -129,13 +129,19 @@ def stream_generate(
     token that completed a stop string included). With a given cache, `max_kv_size` only
     says that the cache is bounded, which lifts the context-length check.
     """
+    check_generation_options(
+        max_tokens=max_tokens,
+        temp=temp,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
+        stop=stop,
+        prefill_step_size=prefill_step_size,
+        max_kv_size=max_kv_size,
+    )
     stop_strings = (stop,) if isinstance(stop, str) else tuple(stop)
-    if any(not isinstance(s, str) or not s for s in stop_strings):
-        raise MlxfamError(f"stop must be non-empty strings, got {stop!r}")
-    _check_integer("max_tokens", max_tokens, minimum=0)
-    _check_integer("prefill_step_size", prefill_step_size, minimum=1)
-    if max_kv_size is not None:
-        _check_integer("max_kv_size", max_kv_size, minimum=1)
     sampler = make_sampler(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p)
     processors = make_logits_processors(repetition_penalty, repetition_context_size)
     processors += list(logits_processors or [])
@@ -225,6 +231,33 @@ def generate(model, tokenizer, prompt: str | list[int] | mx.array, verbose: bool
         )
         print(f"Peak memory: {response.peak_memory:.3f} GB")
     return "".join(pieces)
+
+
+def check_generation_options(
+    *,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    repetition_context_size: int = 20,
+    stop: Sequence[str] = (),
+    prefill_step_size: int = 512,
+    max_kv_size: int | None = None,
+    seed: int | None = None,
+) -> None:
+    """Raises MlxfamError naming the first bad `stream_generate` argument (callers such as the
+    CLI check before the slow model load)."""
+    stop_strings = (stop,) if isinstance(stop, str) else tuple(stop)
+    if any(not isinstance(s, str) or not s for s in stop_strings):
+        raise MlxfamError(f"stop must be non-empty strings, got {stop!r}")
+    _check_integer("max_tokens", max_tokens, minimum=0)
+    _check_integer("prefill_step_size", prefill_step_size, minimum=1)
+    if max_kv_size is not None:
+        _check_integer("max_kv_size", max_kv_size, minimum=1)
+    validate_sampling(temp, top_k, top_p, min_p)
+    make_logits_processors(repetition_penalty, repetition_context_size)  # validates both
 
 
 def _check_integer(name: str, value, minimum: int) -> None:
