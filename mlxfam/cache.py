@@ -30,6 +30,7 @@ class KVCache:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0
+        self.family_state: dict = {}  # what a family remembers per sequence (JSON values), saved with the cache
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Appends `(B, kv_heads, L, head_dim)` keys/values; returns everything stored so far."""
@@ -53,6 +54,10 @@ class KVCache:
 
     def make_mask(self, query_len: int, window: int | None) -> mx.array | str | None:
         return attention_mask(query_len, self.offset, window)
+
+    def key_positions(self, query_len: int) -> np.ndarray:
+        """Absolute position of each key the next `update_and_fetch` of `query_len` tokens returns."""
+        return np.arange(self.offset + query_len)
 
     @property
     def state(self) -> list[mx.array]:
@@ -83,6 +88,7 @@ class RotatingKVCache:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0
+        self.family_state: dict = {}  # what a family remembers per sequence (JSON values), saved with the cache
         self._positions = np.zeros(0, dtype=np.int64)  # absolute position held by each slot
 
     def _overwrite_slot(self) -> int | None:
@@ -94,7 +100,7 @@ class RotatingKVCache:
         windowed = np.flatnonzero(self._positions >= self.keep)
         return int(windowed[np.argmin(self._positions[windowed])])
 
-    def positions_after(self, length: int) -> np.ndarray:
+    def key_positions(self, length: int) -> np.ndarray:
         """Slot positions of the keys the next `update_and_fetch` of `length` tokens returns."""
         slot = self._overwrite_slot() if length == 1 else None
         if slot is None:
@@ -108,7 +114,7 @@ class RotatingKVCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         length = keys.shape[2]
         slot = self._overwrite_slot() if length == 1 else None
-        positions = self.positions_after(length)
+        positions = self.key_positions(length)
         self.offset += length
         if slot is not None:
             self.keys[..., slot : slot + 1, :] = keys
@@ -135,7 +141,7 @@ class RotatingKVCache:
         return mx.concatenate([kept_x, mx.zeros((batch, heads, self.max_size - n, dim), x.dtype)], axis=2)
 
     def make_mask(self, query_len: int, window: int | None) -> mx.array | None:
-        positions = self.positions_after(query_len)
+        positions = self.key_positions(query_len)
         query_pos = np.arange(self.offset, self.offset + query_len)[:, None]
         visible = (positions <= query_pos) & (
             (positions < self.keep) | (positions > query_pos - (self.max_size - self.keep))

@@ -9,6 +9,21 @@ from .base import CausalLM, ModelConfig
 
 
 @dataclass(frozen=True)
+class Traits:
+    """How the family differs from Llama, one short phrase per column of `mlxfam families`."""
+
+    fused_qkv: str = "no"
+    biases: str = "none"
+    norm: str = "RMSNorm"
+    activation: str = "SwiGLU"
+    positions: str = "RoPE half-split"
+    attention: str = "MHA/GQA"
+    head: str = "untied"
+    scalings: str = "-"
+    tokenizer: str = "SentencePiece"
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     description: str
@@ -17,3 +32,4 @@ class Family:
     config: Callable[[dict], ModelConfig]  # HF config.json -> ModelConfig
     model_class: type[CausalLM]
     sanitize: Callable[[dict, ModelConfig], dict]  # checkpoint tensors -> this model's parameter names
+    traits: Traits = Traits()

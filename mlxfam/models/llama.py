@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..errors import MlxfamError
 from .base import CausalLM, DecoderModel, ModelConfig, require
-from .family import Family
+from .family import Family, Traits
 from .rope import RopeConfig
 
 
@@ -71,4 +71,10 @@ FAMILY = Family(
     config=llama_config,
     model_class=LlamaForCausalLM,
     sanitize=sanitize,
+    traits=Traits(
+        attention="MHA/GQA; Mistral: sliding window",
+        head="untied (tied: Llama 3.2, SmolLM2)",
+        scalings="rope linear/dynamic/llama3/yarn",
+        tokenizer="SentencePiece; BPE (Llama 3, SmolLM2)",
+    ),
 )
