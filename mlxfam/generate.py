@@ -85,7 +85,9 @@ def _generate_tokens(prompt_ids, model, sampler, logits_processors, cache, prefi
 
     # All but the last prompt token go through prefill, whose logits are never computed; the
     # last one is the first decode step, so the head runs over one position only.
-    while prompt_ids.size > 1:
+    # A family whose first forward must see the whole prompt (ChatGLM-6B's bidirectional prefix,
+    # Qwen's NTK alpha taken from the prompt length) gets it in one step.
+    while prompt_ids.size > 1 and not getattr(model, "whole_prompt_prefill", False):
         chunk = min(prefill_step_size, prompt_ids.size - 1)
         prefill(prompt_ids[:chunk])
         prompt_ids = prompt_ids[chunk:]

@@ -220,6 +220,9 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     """The mlx-lm model protocol: `model(inputs, cache=...)` -> logits `(B, L, vocab)`."""
 
+    # True where the first forward must see the whole prompt at once (generation does not chunk it).
+    whole_prompt_prefill = False
+
     def __init__(self, cfg: ModelConfig, model: nn.Module):
         super().__init__()
         self.config = cfg
