@@ -13,11 +13,11 @@ def family_for(hf_config: dict, source: str = "config.json") -> Family:
     """Dispatch on `architectures` first (it is what the checkpoint was saved as), then `model_type`."""
     architectures = hf_config.get("architectures") or []
     for family in FAMILIES:
-        if any(a in family.architectures for a in architectures):
+        if any(a in family.architectures for a in architectures) and family.matches(hf_config):
             return family
     model_type = hf_config.get("model_type")
     for family in FAMILIES:
-        if model_type in family.model_types:
+        if model_type in family.model_types and family.matches(hf_config):
             return family
     known_archs = sorted(a for f in FAMILIES for a in f.architectures)
     known_types = sorted(t for f in FAMILIES for t in f.model_types)

@@ -33,3 +33,5 @@ class Family:
     model_class: type[CausalLM]
     sanitize: Callable[[dict, ModelConfig], dict]  # checkpoint tensors -> this model's parameter names
     traits: Traits = Traits()
+    # Where one architecture name covers several families (ChatGLM-6B vs ChatGLM2/3): does this config belong here?
+    matches: Callable[[dict], bool] = lambda hf_config: True
