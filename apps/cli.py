@@ -1,4 +1,4 @@
-"""The `mlxfam` command: generate, chat, list, inspect."""
+"""The `mlxfam` command: generate, chat, list, inspect, families."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import mlxfam
 from mlxfam import hub
 from mlxfam.errors import MlxfamError
 from mlxfam.generate import check_generation_options
+from mlxfam.models import FAMILIES
+from mlxfam.models.family import Traits
 
 from .chat import ChatSession, render_prompt, run_chat, stats_lines, terminal_lines
 
@@ -132,7 +134,8 @@ def parameter_counts(model) -> Counter:
     for _, module in model.named_modules():
         bits = getattr(module, "bits", None)
         for name, value in module.items():
-            if not isinstance(value, mx.array) or (bits and name in ("scales", "biases")):
+            # Underscored arrays are buffers (rotary tables), not parameters.
+            if not isinstance(value, mx.array) or name.startswith("_") or (bits and name in ("scales", "biases")):
                 continue
             if bits and name == "weight":
                 counts[f"{bits}-bit quantized"] += value.size * 32 // bits
@@ -154,11 +157,32 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     for field in dataclasses.fields(model.config):
         print(f"  {field.name}: {getattr(model.config, field.name)}")
     print(f"context length: {model.context_length}")
+    if tokenizer is None:
+        print("tokenizer: none (the checkpoint has no tokenizer files)")
+        return
     template = "yes" if tokenizer.chat_template is not None else "no"
     print(
         f"tokenizer: {type(tokenizer).__name__}, {len(tokenizer):,} tokens, bos {tokenizer.bos_token!r}, "
         f"eos {tokenizer.eos_token!r}, chat template: {template}"
     )
+
+
+def cmd_families(args: argparse.Namespace) -> None:
+    """One row per family, one column per way it differs from Llama, read off the family definitions."""
+    columns = [field.name for field in dataclasses.fields(Traits)]
+    rows = [["family", "loads", *(column.replace("_", " ") for column in columns)]]
+    for family in FAMILIES:
+        traits = family.traits
+        rows.append([family.name, family.description, *(getattr(traits, column) for column in columns)])
+    if args.markdown:
+        for i, row in enumerate(rows):
+            print("| " + " | ".join(row) + " |")
+            if i == 0:
+                print("|" + "---|" * len(row))
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_flags(inspect)
     inspect.set_defaults(run=cmd_inspect)
+
+    families = commands.add_parser("families", help="print how each supported family differs from Llama")
+    families.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    families.set_defaults(run=cmd_families)
     return parser
 
 
