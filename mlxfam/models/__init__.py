@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 from ..errors import MlxfamError
-from . import llama
+from . import baichuan, chatglm, chatglm2, gemma, gemma2, gpt2, internlm, internlm2, llama, minicpm, mixtral, qwen, qwen2
 from .family import Family
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY,)
+FAMILIES: tuple[Family, ...] = (
+    llama.FAMILY,
+    gemma.FAMILY,
+    gemma2.FAMILY,
+    gpt2.FAMILY,
+    baichuan.FAMILY,
+    minicpm.FAMILY,
+    mixtral.FAMILY,
+    qwen.FAMILY,
+    qwen2.FAMILY,
+    internlm.FAMILY,
+    internlm2.FAMILY,
+    chatglm.FAMILY,
+    chatglm2.FAMILY,
+)
 
 
 def family_for(hf_config: dict, source: str = "config.json") -> Family:

@@ -34,6 +34,7 @@ class ModelConfig:
     max_position_embeddings: int | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    o_proj_bias: bool | None = None  # None: as attention_bias (Qwen: biased q/k/v, un-biased o_proj)
     mlp_bias: bool = False
     # Per layer: the sliding-window width (keys q-W < k <= q) or None for full attention.
     sliding_windows: tuple[int | None, ...] = field(default=())
@@ -105,7 +106,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
+        o_bias = bias if cfg.o_proj_bias is None else cfg.o_proj_bias
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=o_bias)
         self.rope = RotaryEmbedding(cfg.rope) if cfg.rope is not None else None  # None: ALiBi or absolute
 
     def project_qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:

@@ -131,10 +131,12 @@ class RotaryEmbedding(nn.Module):
         base = self.cfg.base * ((factor * total_len / max_pos) - (factor - 1)) ** (d / (d - 2))
         return mx.array((1.0 / default_inv_freq(d, base)).astype(np.float32))
 
+    def periods(self, total_len: int) -> mx.array:
+        """The periods while the sequence holds `total_len` tokens (only dynamic NTK depends on it)."""
+        return self._dynamic_periods(total_len) if self.cfg.rope_type == "dynamic" else self._periods
+
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        periods = self._periods
-        if self.cfg.rope_type == "dynamic":
-            periods = self._dynamic_periods(offset + x.shape[-2])
+        periods = self.periods(offset + x.shape[-2])
         if self._attention_factor != 1.0:
             d = self.cfg.dims
             x = mx.concatenate([x[..., :d] * self._attention_factor, x[..., d:]], axis=-1)

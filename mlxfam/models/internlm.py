@@ -1,0 +1,95 @@
+"""InternLM 1 (`InternLMForCausalLM`, remote code: internlm-7b, -20b): Llama with biases on q/k/v/o
+(config `bias`, default true) and the rotary variant its `rotary` field names (FAMILIES.md §16):
+
+- "origin" (also a config without `rotary`, as the early code has no such field): fixed base;
+- "dynamic": the later code caches keys un-rotated and, at every step, rotates all of them with the
+  table for the current total length L, whose base grows past max_position_embeddings:
+  base * (f * L / max_pos - (f - 1))^(d/(d-2)). Below max_pos this equals a cache of rotated keys.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from ..attention import attend
+from ..errors import MlxfamError
+from .base import Attention, CausalLM, DecoderLayer, DecoderModel, ModelConfig, require
+from .family import Family, Traits
+from .llama import llama_config, sanitize
+from .rope import RopeConfig
+
+_ROTARY_TYPES = {"origin": "default", "dynamic": "dynamic"}  # InternLM's name -> rope.py's
+
+
+def internlm_config(hf: dict) -> ModelConfig:
+    rotary = hf.get("rotary") or {"type": "origin", "base": 10000}
+    if rotary.get("type") not in _ROTARY_TYPES or "base" not in rotary:
+        raise MlxfamError(
+            f"config.json: rotary {rotary!r} is not supported (needs 'base' and a 'type' of {', '.join(_ROTARY_TYPES)})"
+        )
+    max_positions = hf.get("max_position_embeddings", 2048)  # InternLMConfig's default
+    rope = RopeConfig(
+        dims=require(hf, "hidden_size") // require(hf, "num_attention_heads"),
+        base=float(rotary["base"]),
+        rope_type=_ROTARY_TYPES[rotary["type"]],
+        scaling={"factor": rotary.get("scaling_factor", 1.0)} if rotary["type"] == "dynamic" else {},
+        max_position_embeddings=max_positions,
+    )
+    return llama_config(hf, attention_bias=hf.get("bias", True), rope=rope, max_position_embeddings=max_positions)
+
+
+def rotate_per_key(x: mx.array, positions: np.ndarray, periods: mx.array, dims: int) -> mx.array:
+    """Half-split rotary of `(B, heads, S, head_dim)` keys, key s at `positions[s]` (any order: the
+    rotating cache's slots): each key becomes its own batch row so mx.fast.rope takes one offset per key."""
+    batch, heads, length, head_dim = x.shape
+    per_key = x.transpose(2, 0, 1, 3).reshape(length, batch * heads, 1, head_dim)
+    offsets = mx.array(positions, dtype=mx.int32)
+    rotated = mx.fast.rope(per_key, dims, traditional=False, base=None, scale=1.0, offset=offsets, freqs=periods)
+    return rotated.reshape(length, batch, heads, head_dim).transpose(1, 2, 0, 3)
+
+
+class DynamicRotaryAttention(Attention):
+    """The later code's dynamic rotary: the cache holds un-rotated keys, rotated again every step."""
+
+    def rotate(self, q: mx.array, k: mx.array, cache) -> tuple[mx.array, mx.array]:
+        return q, k  # both are rotated in `attend`, once the cache has handed back every key
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
+        length = q.shape[2]
+        offset = cache.offset if cache is not None else 0
+        positions = cache.key_positions(length) if cache is not None else np.arange(length)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        q = self.rope(q, offset)
+        k = rotate_per_key(k, positions, self.rope.periods(offset + length), self.rope.cfg.dims)
+        return attend(q, k, v, scale=self.scale, mask=mask, softcap=self.softcap)
+
+
+class DynamicRotaryDecoderLayer(DecoderLayer):
+    attention_class = DynamicRotaryAttention
+
+
+class InternLMForCausalLM(CausalLM):
+    def __init__(self, cfg: ModelConfig):
+        dynamic = cfg.rope.rope_type == "dynamic"
+        super().__init__(cfg, DecoderModel(cfg, DynamicRotaryDecoderLayer if dynamic else DecoderLayer))
+        # Past max_position_embeddings every hidden state depends on the length the first forward
+        # sees; the original's generate gives it the whole prompt.
+        self.whole_prompt_prefill = dynamic
+
+
+FAMILY = Family(
+    name="internlm",
+    description="InternLM 1 (7B, 20B)",
+    model_types=("internlm",),
+    architectures=("InternLMForCausalLM",),
+    config=internlm_config,
+    model_class=InternLMForCausalLM,
+    sanitize=sanitize,
+    traits=Traits(
+        biases="q/k/v/o (config bias)",
+        attention="MHA",
+        scalings="rotary dynamic: un-rotated key cache, re-rotated each step",
+    ),
+)

@@ -1,0 +1,73 @@
+"""MiniCPM (1B/2B): Llama with muP-style scalings of the embeddings, residual branches and logits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from ..errors import MlxfamError
+from .base import CausalLM, DecoderLayer, DecoderModel, ModelConfig
+from .family import Family, Traits
+from .llama import llama_config, sanitize
+
+ROPE_TYPES = ("default", "linear", "dynamic")  # what MiniCPMConfig accepts
+
+
+@dataclass(frozen=True)
+class MiniCPMConfig(ModelConfig):
+    residual_scale: float = 1.0  # scale_depth / sqrt(num_layers), on both residual branches
+    logits_divisor: float = 1.0  # hidden_size / dim_model_base, on the final hidden state
+
+
+def minicpm_config(hf: dict) -> MiniCPMConfig:
+    # MiniCPMConfig's defaults: the original reads these even when config.json leaves them out.
+    llama = llama_config(
+        {"max_position_embeddings": 2048, "tie_word_embeddings": True, **hf},
+        embedding_scale=float(hf.get("scale_emb", 1)),
+    )
+    if llama.rope.rope_type not in ROPE_TYPES:
+        raise MlxfamError(
+            f"config.json: rope_scaling type {llama.rope.rope_type!r} is not supported by MiniCPM "
+            f"(supported: {', '.join(ROPE_TYPES)})"
+        )
+    return MiniCPMConfig(
+        **vars(llama),
+        residual_scale=hf.get("scale_depth", 1) / math.sqrt(llama.num_layers),
+        logits_divisor=llama.hidden_size / hf.get("dim_model_base", 1),
+    )
+
+
+class MiniCPMDecoderLayer(DecoderLayer):
+    def __init__(self, cfg: MiniCPMConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.residual_scale = cfg.residual_scale
+
+    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache) * self.residual_scale
+        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+
+
+class MiniCPMForCausalLM(CausalLM):
+    def __init__(self, cfg: MiniCPMConfig):
+        super().__init__(cfg, DecoderModel(cfg, MiniCPMDecoderLayer))
+
+    def logits(self, h: mx.array) -> mx.array:
+        # The original divides before the head whether or not it is tied (mlx-lm only when untied).
+        return super().logits(h / self.config.logits_divisor)
+
+
+FAMILY = Family(
+    name="minicpm",
+    description="MiniCPM 1B/2B",
+    model_types=("minicpm",),
+    architectures=("MiniCPMForCausalLM",),
+    config=minicpm_config,
+    model_class=MiniCPMForCausalLM,
+    sanitize=sanitize,
+    traits=Traits(
+        head="tied (128k: untied)",
+        scalings="embed x scale_emb; residuals x scale_depth/sqrt(L); logits of h/(H/dim_model_base)",
+    ),
+)
