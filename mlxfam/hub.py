@@ -24,9 +24,11 @@ from .errors import MlxfamError
 
 # What mlxfam reads from a checkpoint repo: config, safetensors weights and index, tokenizer files
 # (tokenizer.json, sentencepiece `*.model`, tiktoken files, BPE merges/vocab `*.txt`, `*.jinja`
-# chat templates). Never `*.bin`/`*.pth`, nor the duplicate consolidated weights some repos ship.
+# chat templates); legacy PyTorch weights (`pytorch_model*.bin`) only when a repo has no safetensors.
+# Never `*.pth`, nor the duplicate consolidated weights some repos ship.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 IGNORE_PATTERNS = ["original/*", "consolidated*"]
+TORCH_BIN_PATTERNS = ["pytorch_model*.bin"]
 
 # Seconds to wait for the Hub before calling it unreachable; a firewalled network would
 # otherwise stall for minutes per request.
@@ -180,14 +182,22 @@ def resolve_repo(repo: str, fallback: PypiGguf | None = None) -> Path:
     raise MlxfamError(f"cannot download {repo}: the Hugging Face Hub is unreachable ({unreachable})")
 
 
+def snapshot(repo: str, **download_options) -> Path:
+    """`snapshot_download` of what mlxfam reads: a repo without safetensors gets its pytorch_model*.bin."""
+    path = Path(
+        snapshot_download(repo, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS, **download_options)
+    )
+    if any(path.glob("*.safetensors")):
+        return path
+    patterns = ALLOW_PATTERNS + TORCH_BIN_PATTERNS
+    return Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS, **download_options))
+
+
 def cached_snapshot(repo: str) -> Path | None:
     try:
-        path = snapshot_download(
-            repo, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS, local_files_only=True
-        )
+        return snapshot(repo, local_files_only=True)
     except LocalEntryNotFoundError:
         return None
-    return Path(path)
 
 
 def hub_unreachable_reason(repo: str) -> str | None:
@@ -207,11 +217,7 @@ def hub_unreachable_reason(repo: str) -> str | None:
 
 def download_snapshot(repo: str) -> Path:
     try:
-        return Path(
-            snapshot_download(
-                repo, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS, etag_timeout=hub_timeout()
-            )
-        )
+        return snapshot(repo, etag_timeout=hub_timeout())
     except RepositoryNotFoundError as error:
         raise _repo_error(repo, error) from None
     except (HfHubHTTPError, LocalEntryNotFoundError) as error:
