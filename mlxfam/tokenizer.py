@@ -21,8 +21,9 @@ from pathlib import Path
 import sentencepiece
 import tiktoken
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
+from .chat_formats import CHAT_FORMATS, ChatFormat
 from .chat_template import render_chat_template
 from .errors import MlxfamError
 
@@ -54,6 +55,9 @@ class _Vocabulary:
     specials: dict[str, int] = field(default_factory=dict)  # strings matched as one token before encode_ordinary
     special_ids: frozenset[int] = frozenset()  # ids that decode(skip_special_tokens=True) drops
     strip_leading_space: bool = False  # SentencePiece dummy prefix: decoded text loses one leading space
+    # Writes the file this vocabulary is read back from into a directory, for a Tokenizer; returns the
+    # tokenizer_config.json entries that file needs. None: not savable (tiktoken, SentencePiece + added tokens).
+    save: Callable[[Path, Tokenizer], dict] | None = None
 
 
 class StreamingDetokenizer:
@@ -87,7 +91,8 @@ class StreamingDetokenizer:
 
 
 class Tokenizer:
-    """A model's tokenizer: encode/decode, special tokens, the ids generation stops on, the chat template."""
+    """A model's tokenizer: encode/decode, special tokens, the ids generation stops on, the chat prompt
+    (a jinja chat template, or the built-in chat format of a family whose repository builds prompts in Python)."""
 
     def __init__(
         self,
@@ -98,8 +103,10 @@ class Tokenizer:
         prefix_ids: list[int],
         suffix_ids: list[int],
         chat_template: str | None,
+        chat_format: ChatFormat | None = None,
     ):
-        """`prefix_ids`/`suffix_ids`: what `encode(add_special_tokens=True)` puts around the text (BOS, EOS)."""
+        """`prefix_ids`/`suffix_ids`: what `encode(add_special_tokens=True)` puts around the text (BOS, EOS).
+        `chat_format`: builds chat prompts in place of `chat_template` (see mlxfam.chat_formats)."""
         self._vocabulary = vocabulary
         self._id_to_token = {i: token for token, i in vocabulary.vocab.items()}
         longest_first = sorted(vocabulary.specials, key=len, reverse=True)
@@ -111,6 +118,7 @@ class Tokenizer:
         self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
         self.eos_token = self._id_to_token.get(self.eos_token_id)
         self.chat_template = chat_template
+        self.chat_format = chat_format
         self.vocab_size = len(vocabulary.pieces)
 
     def __len__(self) -> int:
@@ -120,7 +128,26 @@ class Tokenizer:
         """Token ids of `text`; special-token strings in it become their ids. `add_special_tokens` adds the
         BOS/EOS the tokenizer config asks for."""
         ids = self._encode_text(text)
-        return self._prefix_ids + ids + self._suffix_ids if add_special_tokens else ids
+        return self.build_inputs_with_special_tokens(ids) if add_special_tokens else ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of `text` with special-token strings in it encoded as plain text (a tokenizer.json vocabulary
+        still matches its added tokens, inside `tokenizers`)."""
+        return self._vocabulary.encode_ordinary(text)
+
+    def build_inputs_with_special_tokens(self, ids: list[int]) -> list[int]:
+        """`ids` with the special tokens `encode(add_special_tokens=True)` puts around a text."""
+        return self._prefix_ids + list(ids) + self._suffix_ids
+
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether `encode(add_special_tokens=True)` starts a text with BOS."""
+        return self.bos_token_id is not None and self._prefix_ids[:1] == [self.bos_token_id]
+
+    def token_to_id(self, token: str) -> int:
+        if token not in self._vocabulary.vocab:
+            raise MlxfamError(f"{token!r} is not a token of this tokenizer's vocabulary")
+        return self._vocabulary.vocab[token]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """The text of `ids` (an int, a list or an array); ids outside the vocabulary decode to nothing."""
@@ -133,19 +160,46 @@ class Tokenizer:
     def get_vocab(self) -> dict[str, int]:
         return dict(self._vocabulary.vocab)
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Writes tokenizer.json (a SentencePiece vocabulary: tokenizer.model) and tokenizer_config.json
+        (special tokens, BOS/EOS added by encode, chat template), which mlxfam, transformers and mlx-lm
+        load back to the same ids."""
+        if self._vocabulary.save is None:
+            raise MlxfamError(
+                "this tokenizer (tiktoken-based, or SentencePiece with added tokens) cannot be saved: "
+                "copy its original files instead"
+            )
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self._vocabulary.save(directory, self)
+        config |= {"bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": self.chat_template}
+        text = json.dumps(config, indent=2, ensure_ascii=False)
+        (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
+
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True, **kwargs
     ) -> list[int] | str:
-        """The chat template rendered for `messages` (transformers' semantics): token ids, or the text when
-        `tokenize` is False. `kwargs` (tools, documents, enable_thinking, ...) reach the template."""
+        """The chat prompt for `messages` (transformers' semantics): token ids, or the text when `tokenize` is
+        False. `kwargs` (tools, documents, enable_thinking, ...) reach a jinja template. A chat format that
+        assembles ids gives, untokenized, the text of those ids."""
+        if self.chat_format is not None:
+            prompt = self.chat_format(self, messages, add_generation_prompt, **kwargs)
+            if isinstance(prompt, str):
+                # The family's chat code tokenizes its prompt text like any input: with BOS or [gMASK] sop.
+                return self.encode(prompt) if tokenize else prompt
+            return prompt if tokenize else self.decode(prompt)
         if self.chat_template is None:
             raise MlxfamError("this model has no chat template: format the prompt yourself or pass plain text")
-        variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, "tools": None, "documents": None}
-        text = render_chat_template(
-            self.chat_template, messages, add_generation_prompt=add_generation_prompt, **(variables | kwargs)
-        )
+        text = self.render_chat_template(messages, add_generation_prompt, **kwargs)
         # The template writes BOS itself where the model wants one, so none is added here.
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def render_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """The jinja chat template's text for `messages`; `kwargs` become template variables."""
+        variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, "tools": None, "documents": None}
+        return render_chat_template(
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt, **(variables | kwargs)
+        )
 
     def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self._piece_bytes, self._vocabulary.strip_leading_space)
@@ -201,7 +255,24 @@ def _tokenizers_vocabulary(tokenizer: tokenizers.Tokenizer, source: str) -> _Voc
         vocab=vocab,
         special_ids=frozenset(i for i, token in added.items() if token.special),
         strip_leading_space=strip_leading_space,
+        save=lambda directory, owner: _save_tokenizer_json(tokenizer, directory, owner),
     )
+
+
+def _save_tokenizer_json(tokenizer: tokenizers.Tokenizer, directory: Path, owner: Tokenizer) -> dict:
+    """tokenizer.json with a post-processor adding exactly the ids `owner.encode` adds (tokenizer_config.json's
+    add_bos_token may have changed them from the file's own)."""
+    saved = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    prefix, suffix = owner._prefix_ids, owner._suffix_ids
+    added = [saved.id_to_token(i) for i in prefix + suffix]
+    saved.post_processor = processors.TemplateProcessing(
+        single=[*added[: len(prefix)], "$A", *added[len(prefix) :]],
+        special_tokens=sorted(set(zip(added, prefix + suffix))),
+    )
+    saved.save(str(directory / "tokenizer.json"))
+    # The generic class runs tokenizer.json as written; a model-specific one (which transformers would
+    # pick from config.json's model_type) may rebuild the post-processor.
+    return {"tokenizer_class": "PreTrainedTokenizerFast"}
 
 
 def _byte_level_bytes(token: str) -> bytes:
@@ -254,7 +325,19 @@ def _sentencepiece_vocabulary(processor: sentencepiece.SentencePieceProcessor) -
         specials=specials,
         special_ids=frozenset(specials.values()),
         strip_leading_space=spaced is not None and processor.decode([spaced]) != pieces[spaced].decode(),
+        save=lambda directory, owner: _save_sentencepiece(processor, directory, owner),
     )
+
+
+def _save_sentencepiece(processor: sentencepiece.SentencePieceProcessor, directory: Path, owner: Tokenizer) -> dict:
+    """tokenizer.model, as the Llama 2 generation of HF repos ships it; BOS/EOS go in as config flags."""
+    prefix, suffix = owner._prefix_ids, owner._suffix_ids
+    if prefix not in ([], [owner.bos_token_id]) or suffix not in ([], [owner.eos_token_id]):
+        raise MlxfamError(f"a SentencePiece tokenizer adding {prefix} / {suffix} around texts cannot be saved")
+    (directory / "tokenizer.model").write_bytes(processor.serialized_model_proto())
+    # legacy: each text segment between special tokens gets its own dummy prefix, as encode does here.
+    flags = {"add_bos_token": bool(prefix), "add_eos_token": bool(suffix), "legacy": True}
+    return {"tokenizer_class": "LlamaTokenizer", **flags}
 
 
 def _with_added_tokens(vocabulary: _Vocabulary, added: dict[int, tuple[str, bool]]) -> _Vocabulary:
@@ -371,6 +454,7 @@ class _FileDefaults:
     stop_ids: list[int] = field(default_factory=list)  # further end-of-generation ids
     prefix_ids: list[int] = field(default_factory=list)  # what encode(add_special_tokens=True) adds
     suffix_ids: list[int] = field(default_factory=list)
+    chat_format: ChatFormat | None = None  # the family's built-in chat prompt, where its repository has one
 
 
 def load_tokenizer(path: Path) -> Tokenizer | None:
@@ -378,16 +462,15 @@ def load_tokenizer(path: Path) -> Tokenizer | None:
     path = Path(path)
     config_file = path / "tokenizer_config.json"
     config = _read_json(config_file)
-    model_files = [path / "tokenizer.model", *sorted(path.glob("*.tiktoken"))]
-    if (path / "tokenizer.json").is_file():
-        vocabulary, defaults = _read_tokenizer_json(path / "tokenizer.json")
-    elif any(f.is_file() for f in model_files):
-        vocabulary, defaults = _read_bpe_model(next(f for f in model_files if f.is_file()))
-        vocabulary = _with_added_tokens(vocabulary, _added_tokens(config, config_file))
-    elif (path / "merges.txt").is_file():
-        raise MlxfamError(f"{path}: vocab.json/merges.txt without a tokenizer.json is not supported")
-    else:
+    model_config = _read_json(path / "config.json")
+    family = _tokenizer_family(path, config, model_config)
+    read = _read_chatglm(path, config, model_config) if family == "chatglm" else _read_vocabulary_files(path, config)
+    if read is None:
         return None
+    vocabulary, defaults = read
+    if family not in (None, "chatglm"):
+        chat_format, stop_ids = _family_chat(family, vocabulary, path)
+        defaults.chat_format, defaults.stop_ids = chat_format, defaults.stop_ids + stop_ids
 
     bos_id, eos_id = defaults.bos_id, defaults.eos_id
     # tokenizer_config.json wins over special_tokens_map.json, which wins over the file's own defaults.
@@ -407,16 +490,33 @@ def load_tokenizer(path: Path) -> Tokenizer | None:
         *([eos_id] if eos_id is not None else []),
         *defaults.stop_ids,
         *_id_list(_read_json(path / "generation_config.json").get("eos_token_id"), path / "generation_config.json"),
-        *_id_list(_read_json(path / "config.json").get("eos_token_id"), path / "config.json"),
+        *_id_list(model_config.get("eos_token_id"), path / "config.json"),
     ]
+    template, chat_format = _chat_template(path, config), defaults.chat_format
+    if template is not None and chat_format is not None and not chat_format.uses_template:
+        chat_format = None  # the repository's jinja template is its chat prompt
     return Tokenizer(
         vocabulary,
         bos_token_id=bos_id,
         eos_token_ids=eos_ids,
         prefix_ids=prefix,
         suffix_ids=suffix,
-        chat_template=_chat_template(path, config),
+        chat_template=template,
+        chat_format=chat_format,
     )
+
+
+def _read_vocabulary_files(path: Path, config: dict) -> tuple[_Vocabulary, _FileDefaults] | None:
+    """The vocabulary of tokenizer.json, else tokenizer.model or a *.tiktoken file; None without any."""
+    model_files = [path / "tokenizer.model", *sorted(path.glob("*.tiktoken"))]
+    if (path / "tokenizer.json").is_file():
+        return _read_tokenizer_json(path / "tokenizer.json")
+    if any(f.is_file() for f in model_files):
+        vocabulary, defaults = _read_bpe_model(next(f for f in model_files if f.is_file()))
+        return _with_added_tokens(vocabulary, _added_tokens(config, path / "tokenizer_config.json")), defaults
+    if (path / "merges.txt").is_file():
+        raise MlxfamError(f"{path}: vocab.json/merges.txt without a tokenizer.json is not supported")
+    return None
 
 
 def _read_tokenizer_json(file: Path) -> tuple[_Vocabulary, _FileDefaults]:
@@ -517,6 +617,217 @@ def _chat_template(path: Path, config: dict) -> str | None:
         if template is None:
             raise MlxfamError(f"{path / 'tokenizer_config.json'}: chat_template list has no 'default' template")
     return template
+
+
+# --- tokenizers shipped as Python code in model repositories -----------------------------------------------
+# Re-implemented from the original tokenization_*.py files and chat code, which are never imported or run: the
+# vocabulary file each tokenizer class reads, the special tokens it puts around a text, and the chat format and
+# stop tokens of the family's chat().
+
+# tokenizer_class -> family. YiTokenizer is LlamaTokenizer under another name: the generic reading is exact.
+_REMOTE_TOKENIZER_CLASSES = {
+    "QWenTokenizer": "qwen",
+    "ChatGLMTokenizer": "chatglm",
+    "BaichuanTokenizer": "baichuan",
+    "BaiChuanTokenizer": "baichuan",  # Baichuan-7B
+    "InternLMTokenizer": "internlm",  # also InternLM2's first releases (config.json model_type internlm2)
+    "InternLM2Tokenizer": "internlm2",
+    "InternLM2TokenizerFast": "internlm2",
+    "YiTokenizer": None,
+}
+_FAMILY_MODEL_TYPES = {"qwen", "chatglm", "baichuan", "internlm", "internlm2", "minicpm"}
+_FAMILY_VOCABULARY_FILES = {"qwen.tiktoken": "qwen", "ice_text.model": "chatglm"}
+
+
+def _tokenizer_family(path: Path, config: dict, model_config: dict) -> str | None:
+    """The family whose tokenizer rules apply: named by the tokenizer class, else by config.json's model_type,
+    else by the vocabulary file's name. A tokenizer class shipped as code that is not implemented here is refused
+    (a class named besides the shipped one is a transformers class, which transformers itself would use)."""
+    remote_class, remote_source = _remote_tokenizer_class(path, config, model_config)
+    named = [
+        (config.get("tokenizer_class"), path / "tokenizer_config.json"),
+        (model_config.get("tokenizer_class"), path / "config.json"),
+    ]
+    tokenizer_class, source = next(((name, file) for name, file in named if name), (remote_class, remote_source))
+    model_type = model_config.get("model_type")
+    if tokenizer_class in _REMOTE_TOKENIZER_CLASSES:
+        family = _REMOTE_TOKENIZER_CLASSES[tokenizer_class]
+        return "internlm2" if family == "internlm" and model_type == "internlm2" else family
+    if tokenizer_class is not None and tokenizer_class == remote_class:
+        implemented = ", ".join(_REMOTE_TOKENIZER_CLASSES)
+        raise MlxfamError(
+            f"{source}: tokenizer class {tokenizer_class!r} is Python code in the model repository, which mlxfam "
+            f"never runs, and mlxfam has no implementation of it (implemented: {implemented})"
+        )
+    if model_type in _FAMILY_MODEL_TYPES:
+        return model_type
+    return next((family for name, family in _FAMILY_VOCABULARY_FILES.items() if (path / name).is_file()), None)
+
+
+def _remote_tokenizer_class(path: Path, config: dict, model_config: dict) -> tuple[str | None, Path | None]:
+    """The tokenizer class a repository ships as code (auto_map's AutoTokenizer: "module.Class" or a
+    [slow, fast] pair of them), and the file naming it."""
+    for source, settings in ((path / "tokenizer_config.json", config), (path / "config.json", model_config)):
+        auto_map = settings.get("auto_map")
+        entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
+        references = [entry] if isinstance(entry, str) else entry if isinstance(entry, list) else []
+        reference = next((r for r in references if isinstance(r, str)), None)
+        if reference is not None:
+            return reference.rsplit(".", 1)[-1], source
+    return None, None
+
+
+def _family_chat(family: str, vocabulary: _Vocabulary, path: Path) -> tuple[ChatFormat | None, list[int]]:
+    """The chat format and the further stop ids of a family's chat() (ChatGLM's come with its vocabulary)."""
+    chat_format, stop_ids = CHAT_FORMATS[family], []
+    generation_file = path / "generation_config.json"
+    generation = _read_json(generation_file)
+    if family == "qwen":
+        mode = generation.get("chat_format", "chatml")
+        if mode not in ("chatml", "raw"):
+            raise MlxfamError(f"{generation_file}: chat_format {mode!r} is not supported ('chatml' or 'raw')")
+        # A "raw" (base) model has no chat prompt; the ChatML stop tokens come with qwen.tiktoken either way.
+        chat_format = chat_format if mode == "chatml" else None
+    elif family == "baichuan":
+        role_ids = {
+            key: _vocabulary_id(vocabulary, generation.get(key, default), f"{generation_file}: {key}")
+            for key, default in chat_format.options.items()
+        }
+        chat_format = chat_format.with_options(**role_ids)
+    elif family == "internlm":
+        stop_ids = [_required_token(vocabulary, token, path, "InternLM") for token in ("<eoa>", "<eoh>")]
+    elif family == "internlm2":
+        # <|im_start|> 92543 and <|im_end|> 92542, spelled [UNUSED_TOKEN_146] / [UNUSED_TOKEN_145] in the first files.
+        im_start, im_end = (_token_text(vocabulary, i, path, "InternLM2") for i in (92543, 92542))
+        chat_format, stop_ids = chat_format.with_options(im_start=im_start, im_end=im_end), [92542]
+    else:  # minicpm: its chat() cuts the reply at the next <用户> or <AI>
+        stop_ids = [vocabulary.vocab[token] for token in ("<用户>", "<AI>") if token in vocabulary.vocab]
+    return chat_format, stop_ids
+
+
+def _vocabulary_id(vocabulary: _Vocabulary, value, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < len(vocabulary.pieces):
+        raise MlxfamError(f"{where} = {value!r} is not a token id of the vocabulary ({len(vocabulary.pieces)} ids)")
+    return value
+
+
+def _required_token(vocabulary: _Vocabulary, token: str, path: Path, family: str) -> int:
+    if token not in vocabulary.vocab:
+        raise MlxfamError(f"{path}: {family}'s chat needs the token {token!r}, which the vocabulary lacks")
+    return vocabulary.vocab[token]
+
+
+def _token_text(vocabulary: _Vocabulary, token_id: int, path: Path, family: str) -> str:
+    # The last name wins: tokenizer_config.json's added tokens rename pieces of the vocabulary file.
+    text = next((token for token, i in reversed(vocabulary.vocab.items()) if i == token_id), None)
+    if text is None:
+        raise MlxfamError(f"{path}: {family}'s chat needs token id {token_id}, which the vocabulary lacks")
+    return text
+
+
+# ChatGLM2/3's SPTokenizer appends these after the SentencePiece pieces; its tokenizer never finds them in text.
+_CHATGLM2_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+_CHATGLM3_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+
+
+def _read_chatglm(path: Path, config: dict, model_config: dict) -> tuple[_Vocabulary, _FileDefaults] | None:
+    """ChatGLM-6B's ice_text.model, or ChatGLM2/3's tokenizer.model plus the specials their code appends;
+    None without either file."""
+    if (path / "ice_text.model").is_file():
+        return _read_chatglm1(path / "ice_text.model", config)
+    file = path / "tokenizer.model"
+    if not file.is_file():
+        return None
+    version = _chatglm2_or_3(path, config, model_config)
+    processor = _sentencepiece_processor(file.read_bytes(), str(file))
+    vocabulary = _with_appended_tokens(
+        _sentencepiece_vocabulary(processor), _CHATGLM2_SPECIALS + (_CHATGLM3_ROLES if version == 3 else ())
+    )
+    vocabulary = _with_added_tokens(vocabulary, _added_tokens(config, path / "tokenizer_config.json"))
+    ids = vocabulary.vocab
+    return vocabulary, _FileDefaults(
+        bos_id=None,  # the [gMASK] sop prefix takes BOS's place
+        eos_id=processor.eos_id(),
+        prefix_ids=[ids["[gMASK]"], ids["sop"]],
+        # ChatGLM3's chat() also ends at the next user or tool turn.
+        stop_ids=[ids["<|user|>"], ids["<|observation|>"]] if version == 3 else [],
+        chat_format=CHAT_FORMATS[f"chatglm{version}"],
+    )
+
+
+def _chatglm2_or_3(path: Path, config: dict, model_config: dict) -> int:
+    """ChatGLM2 and ChatGLM3 ship the same tokenizer.model (their code differs): only the repository name
+    recorded in the configs tells them apart."""
+    names = {
+        f"{path / 'tokenizer_config.json'} name_or_path": config.get("name_or_path"),
+        f"{path / 'config.json'} _name_or_path": model_config.get("_name_or_path"),
+    }
+    for name in map(str, names.values()):
+        if "chatglm3" in name.lower():
+            return 3
+        if "chatglm2" in name.lower() or "codegeex2" in name.lower():
+            return 2
+    given = ", ".join(f"{where} = {name!r}" for where, name in names.items())
+    raise MlxfamError(
+        f"{path}: cannot tell ChatGLM2 from ChatGLM3 (same tokenizer.model, different chat formats): "
+        f"neither {given} names chatglm2 or chatglm3"
+    )
+
+
+def _with_appended_tokens(vocabulary: _Vocabulary, names: tuple[str, ...]) -> _Vocabulary:
+    """`names` as ids after the vocabulary's own, for decoding and lookup only (never matched in text)."""
+    appended = {name: len(vocabulary.pieces) + i for i, name in enumerate(names)}
+    return _Vocabulary(
+        encode_ordinary=vocabulary.encode_ordinary,
+        pieces=vocabulary.pieces + [name.encode() for name in names],
+        vocab=vocabulary.vocab | appended,
+        specials=vocabulary.specials,
+        special_ids=vocabulary.special_ids | frozenset(appended.values()),
+        strip_leading_space=vocabulary.strip_leading_space,
+    )
+
+
+# ChatGLM-6B's SPTokenizer writes these for whitespace before SentencePiece sees the text (max_blank_length 80).
+_ICETK_WHITESPACE = {"<n>": "\n", "<|tab|>": "\t"} | {f"<|blank_{n}|>": " " * n for n in range(2, 81)}
+
+
+def _icetk_text(text: str) -> str:
+    text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+    return re.sub(" {2,80}", lambda run: f"<|blank_{len(run.group())}|>", text)
+
+
+def _read_chatglm1(file: Path, config: dict) -> tuple[_Vocabulary, _FileDefaults]:
+    """ChatGLM-6B's tokenizer: whitespace written as <n>, <|tab|>, <|blank_n|> before SentencePiece (and back
+    when decoding), ids shifted past `num_image_tokens` image tokens, [gMASK] <sop> appended to a text."""
+    config_file = file.parent / "tokenizer_config.json"
+    for flag in ("remove_space", "do_lower_case"):
+        if config.get(flag):
+            raise MlxfamError(f"{config_file}: {flag} true is not supported (ChatGLM-6B ships false)")
+    offset = config.get("num_image_tokens", 20000)  # the tokenizer's default; the final release sets 0
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise MlxfamError(f"{config_file}: num_image_tokens must be a non-negative int, got {offset!r}")
+    processor = _sentencepiece_processor(file.read_bytes(), str(file))
+    text = _sentencepiece_vocabulary(processor)
+    pieces = list(text.pieces)
+    for token, replacement in _ICETK_WHITESPACE.items():
+        if token in text.vocab:
+            pieces[text.vocab[token]] = replacement.encode()
+    vocabulary = _Vocabulary(
+        encode_ordinary=lambda s: [offset + i for i in processor.encode(_icetk_text(s))],
+        pieces=[b""] * offset + pieces,  # image tokens decode to nothing
+        vocab={token: offset + i for token, i in text.vocab.items()},
+        specials={token: offset + i for token, i in text.specials.items()},
+        special_ids=frozenset(offset + i for i in text.special_ids),
+        strip_leading_space=text.strip_leading_space,
+    )
+    gmask = _token_id(vocabulary, config.get("gmask_token", "[gMASK]"), f"{config_file}: gmask_token")
+    sop = _token_id(vocabulary, config.get("bos_token", "<sop>"), f"{config_file}: bos_token")
+    return vocabulary, _FileDefaults(
+        bos_id=sop,
+        eos_id=_token_id(vocabulary, config.get("eos_token", "<eop>"), f"{config_file}: eos_token"),
+        suffix_ids=[gmask, sop],
+        chat_format=CHAT_FORMATS["chatglm1"],
+    )
 
 
 # --- GGUF ---------------------------------------------------------------------------------------------
