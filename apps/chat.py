@@ -3,24 +3,30 @@
 Each turn renders the whole conversation. When that rendering extends what the cache already
 holds token for token, only the new tokens are prefilled; otherwise the cache is rebuilt (a chat
 template may, say, strip the reply it re-renders, so the ids no longer match what was generated).
+With a prompt-cache file the session resumes the conversation and cache saved there (when they
+were made with the same model and cache settings) and saves both after each turn.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TextIO
 
 import mlxfam
 from mlxfam.errors import MlxfamError
+from mlxfam.generate import cache_options
 
 COMMANDS = "/reset clears the conversation, /system TEXT sets the system prompt (no TEXT: none), /quit exits"
 
 
 def render_prompt(tokenizer, messages: list[dict], use_chat_template: bool = True) -> list[int]:
-    """Token ids for a conversation: the chat template when there is one, else the bare texts."""
-    if use_chat_template and tokenizer.chat_template is not None:
+    """Token ids for a conversation: the chat template (or built-in chat format) when there is one, else the
+    bare texts."""
+    if use_chat_template and (tokenizer.chat_template is not None or tokenizer.chat_format is not None):
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     return list(tokenizer.encode("\n\n".join(message["content"] for message in messages)))
 
@@ -34,17 +40,47 @@ class ChatSession:
         *,
         use_chat_template: bool = True,
         max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
+        prompt_cache: str | os.PathLike | None = None,
         **generation_kwargs,
     ):
-        """`generation_kwargs` go to `mlxfam.stream_generate` (temp, max_tokens, stop, ...)."""
+        """`generation_kwargs` go to `mlxfam.stream_generate` (temp, max_tokens, stop, ...); the
+        cache options to `model.make_cache`. `prompt_cache`: a file to resume from (if it exists)
+        and to save to after each turn."""
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.use_chat_template = use_chat_template
-        self.max_kv_size = max_kv_size
+        self.cache_settings = {
+            "max_kv_size": max_kv_size,
+            "kv_bits": kv_bits,
+            "kv_group_size": kv_group_size,
+            "quantized_kv_start": quantized_kv_start,
+        }
         self.generation_kwargs = generation_kwargs
         self.messages: list[dict] = []
         self.cache = None
         self.cache_ids: list[int] = []  # every id fed to `cache`, in order
+        self.prompt_cache = Path(prompt_cache) if prompt_cache is not None else None
+        if self.prompt_cache is not None and self.prompt_cache.exists():
+            self.resume()
+
+    def resume(self) -> None:
+        """Continue the conversation saved in the prompt-cache file (its system prompt too, unless one was given)."""
+        self.cache, saved = mlxfam.load_prompt_cache(self.prompt_cache, self.model, **self.cache_settings)
+        chat = saved.get("chat")
+        if chat is None:
+            raise MlxfamError(
+                f"prompt cache {self.prompt_cache} holds no conversation (it was not saved by mlxfam chat)"
+            )
+        self.messages, self.cache_ids = chat["messages"], chat["cache_ids"]
+        if self.system is None:
+            self.system = chat["system"]
+
+    def save(self) -> None:
+        chat = {"messages": self.messages, "cache_ids": self.cache_ids, "system": self.system}
+        mlxfam.save_prompt_cache(self.prompt_cache, self.cache, self.model, {"chat": chat})
 
     def reset(self) -> None:
         self.messages = []
@@ -70,13 +106,14 @@ class ChatSession:
         held = self.held_ids()
         if held and len(ids) > len(held) and ids[: len(held)] == held:
             return ids[len(held) :]
-        self.cache = self.model.make_cache(max_kv_size=self.max_kv_size)
+        self.cache = self.model.make_cache(**cache_options(**self.cache_settings))
         return ids
 
     def send(self, text: str, on_text: Callable[[str], None] = lambda piece: None):
         """Answer `text`, streaming the reply through `on_text`; returns the last GenerationResponse.
 
-        The reply (or the part of it produced before an interrupt) joins the history.
+        The reply (or the part of it produced before an interrupt) joins the history; a finished
+        turn is saved to the prompt-cache file.
         """
         user = {"role": "user", "content": text}
         ids = self.prompt_ids(self.messages + [user])
@@ -87,7 +124,7 @@ class ChatSession:
             self.tokenizer,
             new_ids,
             cache=self.cache,
-            max_kv_size=self.max_kv_size,
+            max_kv_size=self.cache_settings["max_kv_size"],
             **self.generation_kwargs,
         )
         self.messages.append(user)
@@ -100,6 +137,8 @@ class ChatSession:
         finally:
             self.cache_ids = ids + generated
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        if self.prompt_cache is not None:
+            self.save()
         return last
 
 

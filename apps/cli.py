@@ -1,4 +1,4 @@
-"""The `mlxfam` command: generate, chat, list, inspect, families."""
+"""The `mlxfam` command: generate, chat, list, inspect, families, convert, perplexity."""
 
 from __future__ import annotations
 
@@ -7,15 +7,19 @@ import dataclasses
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 import mlx.core as mx
 
 import mlxfam
 from mlxfam import hub
+from mlxfam.cache import cache_settings
+from mlxfam.convert import convert
 from mlxfam.errors import MlxfamError
 from mlxfam.generate import check_generation_options
 from mlxfam.models import FAMILIES
 from mlxfam.models.family import Traits
+from mlxfam.quantize import BITS, GROUP_SIZES, RECIPES
 
 from .chat import ChatSession, render_prompt, run_chat, stats_lines, terminal_lines
 
@@ -27,6 +31,24 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=["float16", "bfloat16", "float32"], help="compute dtype (default: the checkpoint's)"
     )
+    parser.add_argument(
+        "--quantize",
+        type=int,
+        choices=BITS,
+        metavar="BITS",
+        help="quantize the float matrices in memory to BITS (2, 3, 4, 5, 6, 8); GGUF-quantized ones stay as they are",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        help="values per quantization group with --quantize (default: 64)",
+    )
+
+
+def load_model(args: argparse.Namespace, ref: str | None = None):
+    """The model and tokenizer that the model flags ask for."""
+    return mlxfam.load(ref or args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -57,11 +79,39 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
         "--stop", nargs="+", action="extend", default=[], metavar="S", help="stop when one of these strings appears"
     )
     parser.add_argument(
-        "--max-kv-size", type=int, metavar="N", help="keep only the N most recent tokens in the KV cache"
+        "--max-kv-size",
+        type=int,
+        metavar="N",
+        help="bound the KV cache to N tokens: the first 4 and the most recent ones",
     )
+    add_kv_cache_flags(parser)
     parser.add_argument(
         "--prefill-step-size", type=int, default=512, metavar="N", help="prompt tokens per prefill chunk (default: 512)"
     )
+
+
+def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kv-bits", type=int, metavar="BITS", help="quantize the KV cache's keys and values to BITS (4 or 8)"
+    )
+    parser.add_argument(
+        "--kv-group-size",
+        type=int,
+        default=64,
+        metavar="N",
+        help="values per KV quantization group: 32 or 64, dividing the head size (default: 64)",
+    )
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --kv-bits, quantize the cache once it holds N tokens (default: 0, from the start)",
+    )
+
+
+def kv_cache_options(args: argparse.Namespace) -> dict:
+    return dict(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start)
 
 
 def generation_options(args: argparse.Namespace) -> dict:
@@ -78,6 +128,7 @@ def generation_options(args: argparse.Namespace) -> dict:
         stop=tuple(args.stop),
         prefill_step_size=args.prefill_step_size,
         max_kv_size=args.max_kv_size,
+        **kv_cache_options(args),
     )
     check_generation_options(**options)
     return options
@@ -86,7 +137,7 @@ def generation_options(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> None:
     options = generation_options(args)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = mlxfam.load(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": text}
     ]
@@ -103,10 +154,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     options = generation_options(args)
-    model, tokenizer = mlxfam.load(args.model, dtype=args.dtype)
-    max_kv_size = options.pop("max_kv_size")
+    model, tokenizer = load_model(args)
     session = ChatSession(
-        model, tokenizer, args.system, use_chat_template=not args.no_chat_template, max_kv_size=max_kv_size, **options
+        model,
+        tokenizer,
+        args.system,
+        use_chat_template=not args.no_chat_template,
+        prompt_cache=args.prompt_cache,
+        **options,
     )
     # Piped input: one turn per line and nothing on stdout but the replies.
     interactive = sys.stdin.isatty()
@@ -146,7 +201,7 @@ def parameter_counts(model) -> Counter:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     source = hub.resolve(args.model)
-    model, tokenizer = mlxfam.load(str(source), dtype=args.dtype)
+    model, tokenizer = load_model(args, str(source))
     print(model)
     print()
     print(f"source: {source}")
@@ -161,6 +216,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print("tokenizer: none (the checkpoint has no tokenizer files)")
         return
     template = "yes" if tokenizer.chat_template is not None else "no"
+    if tokenizer.chat_format is not None:
+        template = f"built-in {tokenizer.chat_format.name} format"
     print(
         f"tokenizer: {type(tokenizer).__name__}, {len(tokenizer):,} tokens, bos {tokenizer.bos_token!r}, "
         f"eos {tokenizer.eos_token!r}, chat template: {template}"
@@ -185,6 +242,49 @@ def cmd_families(args: argparse.Namespace) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
+def describe_quantization(quantization: dict | None) -> str:
+    if quantization is None:
+        return "none"
+    layers = [path for path, entry in quantization.items() if isinstance(entry, dict)]
+    text = f"{quantization['bits']}-bit, group size {quantization['group_size']}"
+    return text + (f"; {len(layers)} layer(s) otherwise: {', '.join(layers)}" if layers else "")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    result = convert(
+        args.model,
+        args.output,
+        bits=args.bits,
+        group_size=args.group_size,
+        recipe=args.recipe,
+        overrides=args.override,
+        dtype=args.dtype,
+        dequantize=args.dequantize,
+    )
+    print(f"wrote {result.path}: {', '.join(result.files)}")
+    print(f"quantization: {describe_quantization(result.quantization)}")
+    print(f"{result.bits_per_weight:.2f} bits per weight")
+
+
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    if args.tokens < 2 or args.chunk_size < 1:
+        raise MlxfamError("--tokens must be >= 2 and --chunk-size >= 1")
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MlxfamError(f"{args.file}: cannot read the text ({e})") from None
+    cache_settings(**kv_cache_options(args))  # bad cache flags fail before the (slow) model load
+    model, tokenizer = load_model(args)
+    if tokenizer is None:
+        raise MlxfamError(f"{args.model}: the checkpoint has no tokenizer to turn the text into tokens")
+    tokens = tokenizer.encode(text)[: args.tokens]
+    cache = model.make_cache(**kv_cache_options(args))
+    ppl = mlxfam.perplexity(model, tokens, chunk_size=args.chunk_size, cache=cache)
+    whole = f"; the whole text, shorter than the {args.tokens} asked" if len(tokens) < args.tokens else ""
+    print(f"tokens: {len(tokens)} ({len(tokens) - 1} predicted{whole})")
+    print(f"perplexity: {ppl:.4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlxfam", description="Run Llama-like LLMs locally on MLX.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -200,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="chat with a model (reads one turn per line when stdin is not a terminal)")
     add_generation_flags(chat)
     chat.add_argument("--verbose", action="store_true", help="print statistics after each reply to stderr")
+    chat.add_argument(
+        "--prompt-cache",
+        metavar="FILE",
+        help="resume the conversation and KV cache saved in FILE (if it exists); save them there after each turn",
+    )
     chat.set_defaults(run=cmd_chat)
 
     listing = commands.add_parser("list", help="list the model aliases and which are downloaded")
@@ -214,6 +319,47 @@ def build_parser() -> argparse.ArgumentParser:
     families = commands.add_parser("families", help="print how each supported family differs from Llama")
     families.add_argument("--markdown", action="store_true", help="print a Markdown table")
     families.set_defaults(run=cmd_families)
+
+    converting = commands.add_parser(
+        "convert", help="write a model as an MLX directory (mlx-lm's layout), optionally quantized"
+    )
+    converting.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    converting.add_argument("-o", "--output", required=True, metavar="DIR", help="the new directory")
+    converting.add_argument("--bits", type=int, choices=BITS, help="quantize the float matrices to BITS")
+    converting.add_argument(
+        "--group-size", type=int, choices=GROUP_SIZES, help="values per quantization group (default: 64)"
+    )
+    converting.add_argument(
+        "--recipe",
+        metavar="NAME|FILE.json",
+        help=f"mixed bits: {', '.join(RECIPES)}, or a JSON file {{bits, group_size, overrides}}",
+    )
+    converting.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="PATTERN=BITS[:GROUP]",
+        help="bits for the layers a glob matches (e.g. 'layers.0.*=8', 'lm_head=8:32', 'lm_head=none'); repeatable",
+    )
+    converting.add_argument(
+        "--dtype", choices=["float16", "bfloat16", "float32"], help="dtype of the float tensors (default: the source's)"
+    )
+    converting.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="turn the source's quantized tensors (GGUF, MLX) to float first; --bits/--recipe then requantize them",
+    )
+    converting.set_defaults(run=cmd_convert)
+
+    scoring = commands.add_parser("perplexity", help="perplexity of a model on the first tokens of a text file")
+    add_model_flags(scoring)
+    scoring.add_argument("--file", required=True, metavar="TEXT", help="a UTF-8 text file")
+    scoring.add_argument("--tokens", type=int, default=512, metavar="N", help="score the first N tokens (default: 512)")
+    scoring.add_argument(
+        "--chunk-size", type=int, default=512, metavar="N", help="tokens per forward, with the KV cache (default: 512)"
+    )
+    add_kv_cache_flags(scoring)
+    scoring.set_defaults(run=cmd_perplexity)
     return parser
 
 

@@ -5,17 +5,24 @@
     print(mlxfam.generate(model, tokenizer, ids, max_tokens=64))
 """
 
+from .convert import convert
 from .errors import MlxfamError
 from .generate import GenerationResponse, generate, generate_step, stream_generate
 from .loader import load
+from .perplexity import perplexity
+from .prompt_cache import load_prompt_cache, save_prompt_cache
 from .tokenizer import Tokenizer
 
 __all__ = [
     "GenerationResponse",
     "MlxfamError",
     "Tokenizer",
+    "convert",
     "generate",
     "generate_step",
     "load",
+    "load_prompt_cache",
+    "perplexity",
+    "save_prompt_cache",
     "stream_generate",
 ]

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .cache import cache_settings
+from .cache import check_integer as _check_integer
 from .errors import MlxfamError
 from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler, validate_sampling
 
@@ -120,6 +122,9 @@ def stream_generate(
     stop: Sequence[str] = (),
     prefill_step_size: int = 512,
     max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
     cache=None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
 ) -> Iterator[GenerationResponse]:
@@ -128,8 +133,10 @@ def stream_generate(
     Arguments are checked when this is called, before any work. A str prompt is encoded with
     `tokenizer.encode`. A given `cache` is extended in place: only the new prompt ids are
     prefilled, and afterwards it holds the prompt and every generated token (the EOS or the
-    token that completed a stop string included). With a given cache, `max_kv_size` only
-    says that the cache is bounded, which lifts the context-length check.
+    token that completed a stop string included). Without one, the cache is
+    `model.make_cache(...)` with `max_kv_size`, `kv_bits`, `kv_group_size` and
+    `quantized_kv_start` (see CausalLM.make_cache); with a given cache these make no new one, and
+    `max_kv_size` only says that the cache is bounded, which lifts the context-length check.
     """
     check_generation_options(
         max_tokens=max_tokens,
@@ -142,6 +149,9 @@ def stream_generate(
         stop=stop,
         prefill_step_size=prefill_step_size,
         max_kv_size=max_kv_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
     )
     stop_strings = (stop,) if isinstance(stop, str) else tuple(stop)
     sampler = make_sampler(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -149,7 +159,14 @@ def stream_generate(
     processors += list(logits_processors or [])
     prompt_ids = _as_token_array(tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
     if cache is None:
-        cache = model.make_cache() if max_kv_size is None else model.make_cache(max_kv_size=max_kv_size)
+        cache = model.make_cache(
+            **cache_options(
+                max_kv_size=max_kv_size,
+                kv_bits=kv_bits,
+                kv_group_size=kv_group_size,
+                quantized_kv_start=quantized_kv_start,
+            )
+        )
     if max_kv_size is None:
         max_tokens = _fit_to_context(model, cache, prompt_ids.size, max_tokens)
     token_generator = generate_step(
@@ -247,6 +264,9 @@ def check_generation_options(
     stop: Sequence[str] = (),
     prefill_step_size: int = 512,
     max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
     seed: int | None = None,
 ) -> None:
     """Raises MlxfamError naming the first bad `stream_generate` argument (callers such as the
@@ -256,15 +276,21 @@ def check_generation_options(
         raise MlxfamError(f"stop must be non-empty strings, got {stop!r}")
     _check_integer("max_tokens", max_tokens, minimum=0)
     _check_integer("prefill_step_size", prefill_step_size, minimum=1)
-    if max_kv_size is not None:
-        _check_integer("max_kv_size", max_kv_size, minimum=1)
+    cache_settings(
+        max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start
+    )
     validate_sampling(temp, top_k, top_p, min_p)
     make_logits_processors(repetition_penalty, repetition_context_size)  # validates both
 
 
-def _check_integer(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MlxfamError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def cache_options(
+    *, max_kv_size: int | None = None, kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0
+) -> dict:
+    """The `model.make_cache` keywords that these options ask for: only those that change the cache."""
+    options = {} if max_kv_size is None else {"max_kv_size": max_kv_size}
+    if kv_bits is not None:
+        options.update(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
+    return options
 
 
 def _as_token_array(prompt_ids) -> mx.array:

@@ -241,7 +241,7 @@ def test_internlm1_dynamic_rotary_past_max_positions_matches_the_original_code(m
     chunks = [golden["input_ids"][0].tolist(), *([int(t)] for t in golden["decode_ids"])]
     expected = internlm_dynamic_reference(config, weights, chunks)
     model = build_model(config, weights, mx.float32)
-    cache = model.make_cache(max_kv_size)
+    cache = model.make_cache(max_kv_size=max_kv_size)
     for chunk, reference in zip(chunks, expected, strict=True):
         np.testing.assert_allclose(np.array(model(mx.array([chunk]), cache=cache))[0], reference, atol=FP32_TOLERANCE)
     origin = {**config, "rotary": {"type": "origin", "base": 10000}}

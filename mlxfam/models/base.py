@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..attention import attend
-from ..cache import KVCache, RotatingKVCache, attention_mask
+from ..cache import KVCache, attention_mask, make_kv_cache
 from ..errors import MlxfamError
 from .rope import RopeConfig, RotaryEmbedding
 
@@ -240,11 +240,27 @@ class CausalLM(nn.Module):
     def context_length(self) -> int | None:
         return self.config.max_position_embeddings
 
-    def make_cache(self, max_kv_size: int | None = None, keep: int = 4) -> list:
-        """One cache per layer; `max_kv_size` bounds it (the first `keep` tokens always stay)."""
-        if max_kv_size is None:
-            return [KVCache() for _ in self.layers]
-        return [RotatingKVCache(max_kv_size, keep) for _ in self.layers]
+    def make_cache(
+        self,
+        *,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        max_kv_size: int | None = None,
+        keep: int = 4,
+        quantized_kv_start: int = 0,
+    ) -> list:
+        """One cache per layer. `kv_bits` (4 or 8) quantizes keys and values in groups of
+        `kv_group_size` (32 or 64, dividing head_dim), from the moment the cache holds
+        `quantized_kv_start` tokens; `max_kv_size` bounds it (the first `keep` tokens always stay)."""
+        return make_kv_cache(
+            len(self.layers),
+            self.config.head_dim,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            max_kv_size=max_kv_size,
+            keep=keep,
+            quantized_kv_start=quantized_kv_start,
+        )
 
     def logits(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:
