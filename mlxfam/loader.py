@@ -61,13 +61,6 @@ def _listing(model_dir: Path) -> str:
     return ", ".join(sorted(p.name for p in model_dir.iterdir())) or "nothing"
 
 
-def safetensors_files(model_dir: Path) -> list[Path]:
-    files = _checkpoint_files(model_dir, "model.safetensors.index.json", "*.safetensors")
-    if not files:
-        raise MlxfamError(f"{model_dir}: no *.safetensors weights (found: {_listing(model_dir)})")
-    return files
-
-
 def weight_files(model_dir: Path) -> list[Path]:
     """Safetensors when there are any, else the legacy pytorch_model*.bin that some repos (Baichuan,
     ChatGLM, InternLM, Qwen) ship alone."""
@@ -81,21 +74,18 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_safetensors(files: list[Path]) -> dict[str, mx.array]:
-    weights = {}
-    for file in files:
-        try:
-            weights.update(mx.load(str(file)))
-        except (RuntimeError, ValueError) as e:
-            raise MlxfamError(f"{file}: unreadable or truncated safetensors file ({e})") from None
-    return weights
+def _load_safetensors(file: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(file))
+    except (RuntimeError, ValueError) as e:
+        raise MlxfamError(f"{file}: unreadable or truncated safetensors file ({e})") from None
 
 
 def load_weights(files: list[Path]) -> dict[str, mx.array]:
     """Tensors by name from safetensors and torch.save `.bin` files."""
     weights = {}
     for file in files:
-        weights.update(torch_bin.load(file) if file.suffix == ".bin" else load_safetensors([file]))
+        weights.update(torch_bin.load(file) if file.suffix == ".bin" else _load_safetensors(file))
     return weights
 
 

@@ -9,14 +9,13 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+from test_golden import GOLDEN, run_golden
 
 import mlxfam
 from mlxfam.cache import RotatingKVCache
 from mlxfam.errors import MlxfamError
 from mlxfam.models import baichuan, minicpm, mixtral
 from mlxfam.models.mixtral import QuantizedSwitchLinear
-
-from test_golden import GOLDEN, run_golden
 
 
 def golden(variant: str):

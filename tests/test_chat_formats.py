@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import sentencepiece
 import tiktoken
+from mlxfam_apps.chat import render_prompt
 from sentencepiece import sentencepiece_model_pb2
 
 from mlxfam.chat_formats import INTERNLM2_DEFAULT_SYSTEM
 from mlxfam.errors import MlxfamError
 from mlxfam.tokenizer import load_tokenizer
-from mlxfam_apps.chat import render_prompt
 
 DATA = Path(__file__).parent / "data"
 TOKENIZERS = DATA / "tokenizers"

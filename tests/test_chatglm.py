@@ -13,9 +13,14 @@ import mlxfam
 from mlxfam.cache import KVCache
 from mlxfam.errors import MlxfamError
 from mlxfam.generate import generate_step
-from mlxfam.loader import build_model, load_safetensors, read_config, safetensors_files
+from mlxfam.loader import build_model, load_weights, read_config, weight_files
 from mlxfam.models import family_for
-from mlxfam.models.chatglm import chatglm_config, position_ids, prompt_layout, split_per_head
+from mlxfam.models.chatglm import (
+    chatglm_config,
+    position_ids,
+    prompt_layout,
+    split_per_head,
+)
 from mlxfam.models.chatglm2 import ChatGLM2Attention, chatglm2_config
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -101,7 +106,7 @@ def test_chatglm1_mask_token_stands_in_for_gmask():
 
 def test_chatglm1_head_that_is_not_the_embedding_is_refused():
     directory = GOLDEN / "chatglm1"
-    weights = load_safetensors(safetensors_files(directory))
+    weights = load_weights(weight_files(directory))
     weights["lm_head.weight"] = weights["lm_head.weight"] * 2
     with pytest.raises(MlxfamError, match="lm_head.weight differs from transformer.word_embeddings.weight"):
         build_model(read_config(directory), weights)

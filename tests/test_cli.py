@@ -11,9 +11,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from mlxfam_apps.chat import ChatSession, run_chat
 
 import mlxfam
-from mlxfam_apps.chat import ChatSession, run_chat
 
 CAPITAL_QUESTION = "What is the capital of France?"
 

@@ -8,9 +8,9 @@ import json
 import lzma
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import gguf_writer as gw
 import mlx.core as mx
 import mlx_lm
 import numpy as np
@@ -23,7 +23,6 @@ from test_cli import mlxfam_command
 from test_gguf import write_yi_gguf
 from test_tokenizer import VOCABS, llama_cpp_cases
 
-import gguf_writer as gw
 import mlxfam
 from mlxfam import gguf
 from mlxfam.errors import MlxfamError

@@ -7,11 +7,11 @@ from pathlib import Path
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
+from mlxfam_apps.cli import main
 
 import mlxfam
-from mlxfam.loader import load_safetensors, read_config, safetensors_files
+from mlxfam.loader import load_weights, read_config, weight_files
 from mlxfam.models import FAMILIES, family_for
-from mlxfam_apps.cli import main
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 VARIANTS = sorted(p.name for p in GOLDEN.iterdir() if (p / "golden.npz").is_file())
@@ -50,7 +50,7 @@ def test_table_claims_match_the_built_model(variant):
         assert not any(name.endswith(".bias") for name in names)
     uses_layer_norm = any(isinstance(m, nn.LayerNorm) for _, m in model.named_modules())
     assert uses_layer_norm == ("LayerNorm" in traits.norm)
-    checkpoint = load_safetensors(safetensors_files(directory))
+    checkpoint = load_weights(weight_files(directory))
     if traits.fused_qkv == "no":
         assert any("q_proj" in name for name in checkpoint)
 

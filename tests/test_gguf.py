@@ -4,11 +4,11 @@ SmolLM2-135M GGUF against transformers' logits (tests/data/golden-real)."""
 import json
 from pathlib import Path
 
+import gguf_writer as gw
 import mlx.core as mx
 import numpy as np
 import pytest
 
-import gguf_writer as gw
 import mlxfam
 from mlxfam.errors import MlxfamError
 

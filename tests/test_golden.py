@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mlxfam
-from mlxfam.loader import build_model, load_safetensors
+from mlxfam.loader import build_model, load_weights
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 VARIANTS = sorted(p.name for p in GOLDEN.iterdir() if (p / "golden.npz").is_file())
@@ -27,7 +27,7 @@ def fixture(variant: str) -> tuple[dict, dict, dict]:
     """(config.json, original tensors, golden arrays) of a golden fixture, for tests that change one of them."""
     path = GOLDEN / variant
     config = json.loads((path / "config.json").read_text())
-    return config, load_safetensors([path / "model.safetensors"]), dict(np.load(path / "golden.npz"))
+    return config, load_weights([path / "model.safetensors"]), dict(np.load(path / "golden.npz"))
 
 
 def max_error(config: dict, weights: dict, golden: dict, dtype=mx.float32) -> float:

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlxfam_apps.chat import ChatSession
 
 import mlxfam
 from mlxfam import attention
@@ -23,7 +24,6 @@ from mlxfam.attention import attend
 from mlxfam.cache import KVCache, QuantizedKV, RotatingKVCache
 from mlxfam.models import family_for
 from mlxfam.quantize import dequantize_model
-from mlxfam_apps.chat import ChatSession
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden"

@@ -20,13 +20,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+import torch_bin_writer as tw
 from huggingface_hub.utils import filter_repo_objects
+from test_golden import run_golden
 
 import mlxfam
-import torch_bin_writer as tw
 from mlxfam import hub, torch_bin
 from mlxfam.errors import MlxfamError
-from test_golden import run_golden
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "llama2"
 REAL_TORCH = Path(__file__).parent / "data" / "torch_bin"  # written by torch.save itself, see its README
