@@ -54,10 +54,10 @@ def _attention(q, k, v, scale: float, mask, softcap: float | None) -> mx.array:
     """softmax(mask(softcap(q k^T * scale))) v for one chunk of queries; kv heads are broadcast
     over their query-head group rather than repeated."""
     batch, heads, length, dim = q.shape
-    kv_heads = (k.data if isinstance(k, QuantizedKV) else k).shape[1]
+    kv_heads = (k.tail if isinstance(k, QuantizedKV) else k).shape[1]
     groups = heads // kv_heads
     q = (q * scale).reshape(batch, kv_heads, groups, length, dim)
-    scores = _matmul(q, k, transpose=True)
+    scores = _scores(q, k)
     if softcap is not None:
         # Gemma 2: scores -> softcap * tanh(scores / softcap) before the mask, softmax in fp32.
         scores = mx.tanh(scores.astype(mx.float32) / softcap) * softcap
@@ -68,23 +68,38 @@ def _attention(q, k, v, scale: float, mask, softcap: float | None) -> mx.array:
         else:
             scores = scores + mask
     weights = mx.softmax(scores, axis=-1, precise=True)
-    out = _matmul(weights, v, transpose=False).astype(q.dtype)
-    return out.reshape(batch, heads, length, -1)
+    return _weighted(weights, v).astype(q.dtype).reshape(batch, heads, length, -1)
 
 
-def _matmul(x: mx.array, kv: mx.array | QuantizedKV, transpose: bool) -> mx.array:
-    """x @ kv^T (transpose) or x @ kv, with kv `(B, kv_heads, S, d)` broadcast over x's group axis 2."""
-    if not isinstance(kv, QuantizedKV):
-        kv = mx.expand_dims(kv, 2)
-        return x.astype(kv.dtype) @ (kv.swapaxes(-1, -2) if transpose else kv)
+def _scores(q: mx.array, k: mx.array | QuantizedKV) -> mx.array:
+    """q @ k^T over every key slot (packed, then tail), k broadcast over q's group axis 2."""
+    if not isinstance(k, QuantizedKV):
+        return q.astype(k.dtype) @ mx.expand_dims(k, 2).swapaxes(-1, -2)
+    tail = q.astype(k.tail.dtype) @ mx.expand_dims(k.tail, 2).swapaxes(-1, -2)
+    if k.packed_slots == 0:  # (MLX's quantized_matmul cannot take an empty matrix)
+        return tail
+    return mx.concatenate([_quantized_matmul(q, k).astype(tail.dtype), tail], axis=-1)
+
+
+def _weighted(weights: mx.array, v: mx.array | QuantizedKV) -> mx.array:
+    """weights @ v over every value slot (packed, then tail)."""
+    if not isinstance(v, QuantizedKV):
+        return weights.astype(v.dtype) @ mx.expand_dims(v, 2)
+    packed = v.packed_slots
+    out = weights[..., packed:].astype(v.tail.dtype) @ mx.expand_dims(v.tail, 2)
+    return out if packed == 0 else out + _quantized_matmul(weights[..., :packed], v)
+
+
+def _quantized_matmul(x: mx.array, kv: QuantizedKV) -> mx.array:
+    """x @ (packed part of kv, as the layout stores it: K^T per channel, V per slot)."""
     if mx.default_device() == mx.cpu:
         # The CPU's quantized_matmul has no half-precision fast path (~60x slower than float32);
         # float32 inputs promote the (small) scales and biases instead.
         x = x.astype(mx.float32)
     else:
         x = x.astype(kv.scales.dtype)
-    data, scales, biases = (mx.expand_dims(a, 2) for a in kv.arrays)
-    return mx.quantized_matmul(x, data, scales, biases, transpose=transpose, group_size=kv.group_size, bits=kv.bits)
+    data, scales, biases = (mx.expand_dims(a, 2) for a in (kv.data, kv.scales, kv.biases))
+    return mx.quantized_matmul(x, data, scales, biases, transpose=False, group_size=kv.group_size, bits=kv.bits)
 
 
 def _mask_rows(mask, start: int, stop: int, query_len: int, key_len: int):

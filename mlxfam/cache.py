@@ -12,23 +12,36 @@ dtype, or, with `bits` set, quantized (`QuantizedKV`). With `quantized_kv_start`
 quantizing cache stores plain arrays until it holds N tokens; its next update then quantizes what
 it holds and everything after is stored quantized.
 
-Packed layout of a `QuantizedKV` (what `mlxfam.attention` reads with `mx.quantized_matmul`, and
-what a kernel may read directly). MLX's affine quantization, one scale and bias per head, per slot
-and per group of `group_size` consecutive head_dim elements; keys and values are packed separately:
+Packed layout of a quantizing cache (what `mlxfam.attention` reads with `mx.quantize`d matmuls,
+and what the kernels in `mlxfam.kernels` read directly). Tokens are quantized a block of
+`group_size` (G) at a time, with MLX's affine quantization (`bits` 4 or 8; element = scale * u + bias,
+u the unsigned `bits`-bit integer; a scale may be negative: MLX anchors the bias at the group's edge
+of larger magnitude). Until a block is full its tokens wait in a float tail. Per layer, a
+`QuantizedKV` for the keys and one for the values:
 
-    data    uint32          (B, kv_heads, slots, head_dim * bits // 32)
-    scales  keys' dtype     (B, kv_heads, slots, head_dim // group_size)
-    biases  keys' dtype     (B, kv_heads, slots, head_dim // group_size)
+    keys, per channel over each block's G slots (outlier channels get their own scale):
+        data    uint32       (B, kv_heads, head_dim, S * bits // 32)
+        scales  keys' dtype  (B, kv_heads, head_dim, S // G)
+        biases  keys' dtype  (B, kv_heads, head_dim, S // G)
+    values, per slot over groups of G consecutive head_dim elements:
+        data    uint32       (B, kv_heads, S, head_dim * bits // 32)
+        scales  dtype        (B, kv_heads, S, head_dim // G)
+        biases  dtype        (B, kv_heads, S, head_dim // G)
+    tail        dtype        (B, kv_heads, T, head_dim), T < G: the newest tokens, not yet quantized
 
-Element d of head h at slot s is  scales[b, h, s, g] * q + biases[b, h, s, g]  with g = d // group_size
-and q the unsigned `bits`-bit integer at bit offset (d * bits) % 32 of word data[b, h, s, d * bits // 32]:
-a word holds 32 // bits elements, the lowest-numbered one in its lowest bits (little-endian nibbles or
-bytes). A scale may be negative (MLX anchors the bias at the group's edge of larger magnitude). bits
-is 4 or 8 and group_size 32 or 64, so groups never straddle words. Slots: a standard cache fills
-slots 0..offset-1 in token order (its buffers hold a multiple of `step` slots; the rest is unused);
-a rotating cache fills slots 0..len(slot_positions)-1 (of `max_size`) in no particular order,
-`slot_positions[s]` being the absolute position of slot s. `update_and_fetch` hands back the filled
-slots only (for a multi-token step of a rotating cache: its filled slots, then the new tokens).
+Key (slot s, channel d) = scales[b, h, d, s // G] * u + biases[b, h, d, s // G], u at bit offset
+(s * bits) % 32 of word data[b, h, d, s * bits // 32]; value (s, d) = scales[b, h, s, d // G] * u +
+biases[b, h, s, d // G], u at bit (d * bits) % 32 of word data[b, h, s, d * bits // 32]. A word holds
+32 // bits elements, the lowest-numbered in its lowest bits. The keys are thus `mx.quantize(K^T)`:
+q @ K^T is `mx.quantized_matmul(q, data, scales, biases, transpose=False)`, as p @ V is for the values.
+Per-channel keys matter: SmolLM2's keys carry channels of |k| ~15 among values of ~1.4, and groups
+along head_dim spend their range on them (4-bit KV perplexity +13.0% per token, +0.03% per channel
+with group 64; README).
+
+Slots: the S packed slots come first, then the T tail slots. A standard cache holds them in token
+order. A rotating cache holds its packed blocks in no particular order (a block is the unit it keeps
+or drops), `slot_positions[s]` being the absolute position held by slot s (packed, then tail).
+The arrays handed to attention are views of preallocated buffers (sliced on the slot axis).
 """
 
 from __future__ import annotations
@@ -42,7 +55,7 @@ from .errors import MlxfamError
 
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64)
-PACKED_PARTS = ("data", "scales", "biases")
+PACKED_PARTS = ("data", "scales", "biases", "tail")
 
 
 class NotAPlainArray(MlxfamError, AttributeError):
@@ -51,17 +64,27 @@ class NotAPlainArray(MlxfamError, AttributeError):
 
 
 class QuantizedKV(NamedTuple):
-    """Keys or values of a quantizing cache, packed as the module docstring describes."""
+    """Keys (`per_channel`) or values of a quantizing cache, as the module docstring lays them out."""
 
     data: mx.array
     scales: mx.array
     biases: mx.array
+    tail: mx.array
     group_size: int
     bits: int
+    per_channel: bool
 
     @property
-    def arrays(self) -> tuple[mx.array, mx.array, mx.array]:
-        return self.data, self.scales, self.biases
+    def packed_slots(self) -> int:
+        return self.scales.shape[-1] * self.group_size if self.per_channel else self.data.shape[2]
+
+    @property
+    def slots(self) -> int:
+        return self.packed_slots + self.tail.shape[2]
+
+    @property
+    def arrays(self) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        return self.data, self.scales, self.biases, self.tail
 
     def __getattr__(self, name: str):
         # Reached only for what a QuantizedKV lacks: a family that reworks the keys a cache hands back
@@ -73,30 +96,65 @@ class QuantizedKV(NamedTuple):
 
 
 def slot_count(x: mx.array | QuantizedKV) -> int:
-    return (x.data if isinstance(x, QuantizedKV) else x).shape[2]
+    return x.slots if isinstance(x, QuantizedKV) else x.shape[2]
 
 
-def _each_part(fn, *xs):
-    """`fn` on plain arrays, or on each packed array of QuantizedKVs (all share the slot axis 2)."""
-    if isinstance(xs[0], QuantizedKV):
-        parts = [fn(*same_part) for same_part in zip(*(x.arrays for x in xs))]
-        return QuantizedKV(*parts, xs[0].group_size, xs[0].bits)
-    return fn(*xs)
+class Units(NamedTuple):
+    """Stored keys or values as a run of units along each part's slot axis: plain `(B, kv_heads,
+    slots, head_dim)` arrays (a unit is one slot), or packed blocks (a unit is `group_size` slots:
+    `width` words or groups of each part). A cache keeps, grows and drops whole units."""
+
+    parts: tuple[mx.array, ...]
+    axes: tuple[int, ...]
+    widths: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return self.parts[0].shape[self.axes[0]] // self.widths[0]
+
+    def _index(self, axis: int, index) -> tuple:
+        return (slice(None),) * axis + (index,)
+
+    def first(self, n: int) -> "Units":
+        return self._map(lambda a, axis, w: a[self._index(axis, slice(0, n * w))])
+
+    def write(self, start: int, new: "Units") -> "Units":
+        for a, b, axis, w in zip(self.parts, new.parts, self.axes, self.widths):
+            a[self._index(axis, slice(start * w, (start + new.count) * w))] = b
+        return self
+
+    def then(self, new: "Units") -> "Units":
+        return Units(tuple(mx.concatenate([a, b], axis) for a, b, axis in zip(self.parts, new.parts, self.axes)), self.axes, self.widths)
+
+    def take(self, units: np.ndarray) -> "Units":
+        def pick(a, axis, w):
+            slots = (units[:, None] * w + np.arange(w)).reshape(-1)
+            return mx.take(a, mx.array(slots), axis=axis)
+
+        return self._map(pick)
+
+    def zeros(self, n: int) -> "Units":
+        def empty(a, axis, w):
+            shape = list(a.shape)
+            shape[axis] = n * w
+            return mx.zeros(shape, a.dtype)
+
+        return self._map(empty)
+
+    def _map(self, fn) -> "Units":
+        return Units(tuple(fn(a, axis, w) for a, axis, w in zip(self.parts, self.axes, self.widths)), self.axes, self.widths)
 
 
-def _arrays(x: mx.array | QuantizedKV | None) -> list[mx.array]:
-    if x is None:
-        return []
-    return list(x.arrays) if isinstance(x, QuantizedKV) else [x]
+def plain_units(x: mx.array) -> Units:
+    return Units((x,), (2,), (1,))
 
 
-def _write(buffer: mx.array, start: int, new: mx.array) -> mx.array:
-    buffer[..., start : start + new.shape[2], :] = new
-    return buffer
-
-
-def _zeros_like_slots(x: mx.array, slots: int) -> mx.array:
-    return mx.zeros((*x.shape[:2], slots, x.shape[-1]), x.dtype)
+def packed_units(x: mx.array, group_size: int, bits: int, per_channel: bool) -> Units:
+    """`(B, kv_heads, n * group_size, head_dim)` tokens quantized into n blocks of the module's layout."""
+    parts = mx.quantize(x.swapaxes(-1, -2) if per_channel else x, group_size=group_size, bits=bits)
+    if per_channel:
+        return Units(tuple(parts), (3, 3, 3), (group_size * bits // 32, 1, 1))
+    return Units(tuple(parts), (2, 2, 2), (group_size,) * 3)
 
 
 def attention_mask(query_len: int, offset: int, window: int | None) -> mx.array | str | None:
@@ -139,7 +197,7 @@ def cache_settings(
     if kv_bits is not None and head_dim is not None and head_dim % kv_group_size:
         raise MlxfamError(
             f"kv_group_size {kv_group_size} does not divide the model's head_dim {head_dim}, "
-            "so its keys and values cannot be quantized in groups of that size"
+            "so its values cannot be quantized in groups of that size"
         )
     settings: dict = {"kv_bits": kv_bits, "max_kv_size": max_kv_size}
     if kv_bits is not None:
@@ -165,34 +223,103 @@ def make_kv_cache(num_layers: int, head_dim: int | None = None, **options) -> li
 
 
 class _Cache:
-    """What both slot policies share: the stored form (plain or quantized), state, size, settings."""
+    """What both slot policies share: the stored form (plain or quantized), state, size, settings.
+
+    A policy places whole units (`Units`): `self.keys` / `self.values` are its buffers, of which the
+    first `self.units` are in use; a quantizing cache also holds the float tails of its next block."""
 
     def __init__(self, bits: int | None, group_size: int, quantized_kv_start: int):
-        self.keys: mx.array | QuantizedKV | None = None
-        self.values: mx.array | QuantizedKV | None = None
+        self.keys: Units | None = None
+        self.values: Units | None = None
+        self.units = 0
+        self.key_tail: mx.array | None = None  # quantizing only: the newest (< group_size) tokens
+        self.value_tail: mx.array | None = None
         self.offset = 0
         self.family_state: dict = {}  # what a family remembers per sequence (JSON values), saved with the cache
         self.bits, self.group_size, self.quantized_kv_start = bits, group_size, quantized_kv_start
 
     @property
     def quantized(self) -> bool:
-        return isinstance(self.keys, QuantizedKV)
+        return self.key_tail is not None
 
-    def _quantize(self, x: mx.array) -> QuantizedKV:
-        return QuantizedKV(*mx.quantize(x, group_size=self.group_size, bits=self.bits), self.group_size, self.bits)
+    @property
+    def unit_size(self) -> int:
+        return self.group_size if self.quantized else 1
 
-    def _stored_form(self, keys: mx.array, values: mx.array):
-        """New keys/values as this cache stores them; converts what it holds once quantizing is due."""
+    @property
+    def tail_len(self) -> int:
+        return self.key_tail.shape[2] if self.quantized else 0
+
+    def _new_units(self, keys: mx.array, values: mx.array):
+        """This step's keys/values as whole units to store (None: no whole unit yet), and, for a
+        quantizing cache, the float keys/values the step attends besides the units stored before it:
+        its tail and the step's own tokens. A quantizing cache packs the full blocks among these (and,
+        once quantizing is due, what it held in plain form)."""
         if self.bits is None or self.offset < self.quantized_kv_start:
-            return keys, values
-        if self.keys is not None and not self.quantized:
-            self.keys, self.values = self._quantize(self.keys), self._quantize(self.values)
-        return self._quantize(keys), self._quantize(values)
+            return plain_units(keys), plain_units(values), None
+        if not self.quantized:
+            self._start_quantizing(keys)
+        keys = mx.concatenate([self.key_tail, keys], axis=2)
+        values = mx.concatenate([self.value_tail, values], axis=2)
+        whole = keys.shape[2] // self.group_size * self.group_size
+        self.key_tail, self.value_tail = keys[:, :, whole:], values[:, :, whole:]
+        if whole == 0:
+            return None, None, (keys, values)
+        return (
+            packed_units(keys[:, :, :whole], self.group_size, self.bits, per_channel=True),
+            packed_units(values[:, :, :whole], self.group_size, self.bits, per_channel=False),
+            (keys, values),
+        )
+
+    def _start_quantizing(self, like: mx.array) -> None:
+        """Switches to the quantized form: the tokens held so far (in position order) become the tail
+        that the caller's step then packs with its own."""
+        held_k, held_v = self._held_in_order()
+        if held_k is None:
+            held_k = held_v = mx.zeros((*like.shape[:2], 0, like.shape[-1]), like.dtype)
+        block = mx.zeros((*like.shape[:2], self.group_size, like.shape[-1]), like.dtype)
+        self.keys, self.values = (
+            packed_units(block, self.group_size, self.bits, per_channel).zeros(0) for per_channel in (True, False)
+        )
+        self.units = 0
+        self.key_tail, self.value_tail = held_k, held_v
+
+    def fetched(self, keys: Units, values: Units, units: int, floats: tuple | None = None):
+        """What attention reads: the first `units` units of `keys`/`values`, then (quantized) the float
+        keys/values `floats`, by default the tails.
+
+        A step attends the blocks stored before it packed and its own tokens in float, even those it
+        packs for later steps (as a decoded token sees its own block's tokens in float): in decode
+        the newest keys, which take most of the attention, keep full precision, and prefill
+        attends as decode would."""
+        k, v = keys.first(units).parts, values.first(units).parts
+        if not self.quantized:
+            return k[0], v[0]
+        tail_k, tail_v = floats or (self.key_tail, self.value_tail)
+        return (
+            QuantizedKV(*k, tail_k, self.group_size, self.bits, True),
+            QuantizedKV(*v, tail_v, self.group_size, self.bits, False),
+        )
+
+    @property
+    def held(self):
+        """The keys and values the cache holds, as attention would read them (arrays or QuantizedKV)."""
+        return self.fetched(self.keys, self.values, self.units)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every buffer the cache holds (allocated slots, not only the filled ones)."""
-        return sum(a.nbytes for a in _arrays(self.keys) + _arrays(self.values))
+        """Bytes of every buffer the cache holds (allocated units, not only the used ones)."""
+        buffers = [] if self.keys is None else [*self.keys.parts, *self.values.parts]
+        if self.quantized:
+            buffers += [self.key_tail, self.value_tail]
+        return sum(a.nbytes for a in buffers)
+
+    @property
+    def state(self) -> list[mx.array]:
+        """The used buffers and tails: what `mx.eval` needs to materialise the cache."""
+        if self.keys is None:
+            return []
+        return [a for x in self.held for a in _arrays(x)]
 
     @property
     def settings(self) -> dict:
@@ -208,67 +335,76 @@ class _Cache:
 
     def export(self) -> tuple[dict[str, mx.array], dict]:
         """What a prompt cache file keeps of this layer: arrays ("keys", or "keys.data",
-        "keys.scales", "keys.biases" when quantized; the same for values) and JSON values."""
+        "keys.scales", "keys.biases", "keys.tail" when quantized; the same for values) and JSON values."""
         arrays = {}
-        for name, x in (("keys", self._saved(self.keys)), ("values", self._saved(self.values))):
-            if isinstance(x, QuantizedKV):
-                arrays.update({f"{name}.{part}": a for part, a in zip(PACKED_PARTS, x.arrays)})
-            elif x is not None:
-                arrays[name] = x
+        if self.keys is not None:
+            for name, x in zip(("keys", "values"), self.held):
+                if isinstance(x, QuantizedKV):
+                    arrays.update({f"{name}.{part}": a for part, a in zip(PACKED_PARTS, x.arrays)})
+                else:
+                    arrays[name] = x
         return arrays, {"offset": self.offset, "family_state": self.family_state}
 
     def restore(self, arrays: dict[str, mx.array], info: dict, source: str) -> None:
         """The inverse of `export` on a fresh cache with the same settings (`source` names the file)."""
-
-        def stored(name: str):
-            if name in arrays:
-                return arrays[name]
-            parts = [f"{name}.{part}" for part in PACKED_PARTS]
-            if all(part in arrays for part in parts):
-                return QuantizedKV(*(arrays[part] for part in parts), self.group_size, self.bits)
-            if info["offset"] == 0:
-                return None
-            raise MlxfamError(f"{source}: tensor {name!r} (or {', '.join(parts)}) is missing")
-
-        self.keys, self.values = stored("keys"), stored("values")
         self.offset, self.family_state = info["offset"], info["family_state"]
+        if "keys" in arrays and "values" in arrays:
+            self.keys, self.values = plain_units(arrays["keys"]), plain_units(arrays["values"])
+        elif all(f"{name}.{part}" in arrays for name in ("keys", "values") for part in PACKED_PARTS):
+            g = self.group_size
+            key_parts, value_parts = ([arrays[f"{name}.{part}"] for part in PACKED_PARTS] for name in ("keys", "values"))
+            self.key_tail, self.value_tail = key_parts.pop(), value_parts.pop()
+            self.keys = Units(tuple(key_parts), (3, 3, 3), (g * self.bits // 32, 1, 1))
+            self.values = Units(tuple(value_parts), (2, 2, 2), (g,) * 3)
+        elif self.offset == 0:
+            return
+        else:
+            raise MlxfamError(f"{source}: tensors 'keys' and 'values' (or their packed parts) are missing")
+        self.units = self.keys.count
 
-    def _saved(self, x):
-        return x
+
+def _arrays(x: mx.array | QuantizedKV) -> list[mx.array]:
+    return list(x.arrays) if isinstance(x, QuantizedKV) else [x]
 
 
 class KVCache(_Cache):
+    """Every token, in order. Buffers grow in steps of `step` slots; each step writes in place."""
+
     step = 256
 
     def __init__(self, bits: int | None = None, group_size: int = 64, quantized_kv_start: int = 0):
         super().__init__(bits, group_size, quantized_kv_start)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        """Appends `(B, kv_heads, L, head_dim)` keys/values; returns everything stored so far
-        (arrays, or QuantizedKV once the cache quantizes)."""
-        keys, values = self._stored_form(keys, values)
-        start, length = self.offset, slot_count(keys)
-        if self.keys is None or start + length > slot_count(self.keys):
-            self._grow(keys, values, start + length)
-        self.offset = start + length
-        self.keys = _each_part(lambda buffer, new: _write(buffer, start, new), self.keys, keys)
-        self.values = _each_part(lambda buffer, new: _write(buffer, start, new), self.values, values)
-        return self._filled(self.keys), self._filled(self.values)
+        """Appends `(B, kv_heads, L, head_dim)` keys/values; returns the keys/values this step attends:
+        every token so far (arrays, or QuantizedKV once the cache quantizes: see `fetched`)."""
+        new_keys, new_values, floats = self._new_units(keys, values)
+        self.offset += keys.shape[2]
+        stored_before = self.units
+        if new_keys is not None:
+            needed = self.units + new_keys.count
+            if self.keys is None or needed > self.keys.count:
+                self._grow(new_keys, new_values, needed)
+            self.keys.write(self.units, new_keys)
+            self.values.write(self.units, new_values)
+            self.units = needed
+        if floats is not None:
+            return self.fetched(self.keys, self.values, stored_before, floats)
+        return self.fetched(self.keys, self.values, self.units)
 
-    def _filled(self, x):
-        return _each_part(lambda a: a[..., : self.offset, :], x)
-
-    def _grow(self, keys, values, needed: int):
-        capacity = (needed + self.step - 1) // self.step * self.step
-        extra = capacity - self.offset
+    def _grow(self, keys: Units, values: Units, needed: int) -> None:
+        step = max(1, self.step // self.unit_size)
+        extra = (needed + step - 1) // step * step - self.units
         if self.keys is None:
-            self.keys, self.values = (_each_part(lambda new: _zeros_like_slots(new, extra), x) for x in (keys, values))
-            return
+            self.keys, self.values = keys.zeros(extra), values.zeros(extra)
+        else:
+            self.keys = self.keys.first(self.units).then(keys.zeros(extra))
+            self.values = self.values.first(self.units).then(values.zeros(extra))
 
-        def extend(buffer, new):
-            return mx.concatenate([buffer[..., : self.offset, :], _zeros_like_slots(new, extra)], axis=2)
-
-        self.keys, self.values = _each_part(extend, self.keys, keys), _each_part(extend, self.values, values)
+    def _held_in_order(self):
+        if self.keys is None:
+            return None, None
+        return self.keys.first(self.units).parts[0], self.values.first(self.units).parts[0]
 
     def make_mask(self, query_len: int, window: int | None) -> mx.array | str | None:
         return attention_mask(query_len, self.offset, window)
@@ -277,26 +413,17 @@ class KVCache(_Cache):
         """Absolute position of each key the next `update_and_fetch` of `query_len` tokens returns."""
         return np.arange(self.offset + query_len)
 
-    @property
-    def state(self) -> list[mx.array]:
-        """The filled buffers: what `mx.eval` needs to materialise the cache."""
-        if self.keys is None:
-            return []
-        return _arrays(self._filled(self.keys)) + _arrays(self._filled(self.values))
-
-    def _saved(self, x):
-        return None if x is None else self._filled(x)
-
 
 class RotatingKVCache(_Cache):
-    """A bounded cache of `max_size` slots: the first `keep` tokens stay, the rest is a window.
+    """A bounded cache: the first `keep` tokens stay, the rest is a window of `max_size - keep`.
 
     Query at position q sees keys at p <= q with p < keep or p > q - (max_size - keep); with
-    keep = 0 and max_size = W that is exactly a sliding window of W. Each slot's absolute
-    position is tracked on the host (`slot_positions`), so masks follow the slots whatever order
-    they are in: decoding overwrites the oldest windowed slot in place (no copy per token); a
-    multi-token step attends over the old slots plus the new ones, then keeps only what later
-    queries see.
+    keep = 0 and max_size = W that is exactly a sliding window of W. Each stored unit's positions are
+    tracked on the host (`unit_positions`), so masks follow the units whatever order they are in: a
+    step that adds one unit (a decoded token; a quantizing cache's full block) overwrites a unit no
+    later query sees, in place; a bigger step attends over the old units plus the new ones, then keeps
+    only what later queries see. A quantizing cache keeps or drops whole blocks, so besides its tail
+    it may hold a block more than `max_size` tokens need (the mask hides what the window excludes).
     """
 
     def __init__(
@@ -311,66 +438,111 @@ class RotatingKVCache(_Cache):
             raise MlxfamError(f"max_kv_size ({max_size}) must be larger than keep ({keep})")
         super().__init__(bits, group_size, quantized_kv_start)
         self.max_size, self.keep = max_size, keep
-        self.slot_positions = np.zeros(0, dtype=np.int64)  # absolute position held by each filled slot
+        self.unit_positions = np.zeros((0, 1), dtype=np.int64)  # absolute positions held by each used unit
+        self.tail_positions = np.zeros(0, dtype=np.int64)
 
     def _slot_settings(self) -> dict:
         return {"max_kv_size": self.max_size, "keep": self.keep}
 
-    def _overwrite_slot(self) -> int | None:
-        """The slot a single new token goes to: the next free one, else the oldest windowed one."""
-        if self.keys is None:
-            return None
-        if len(self.slot_positions) < slot_count(self.keys):
-            return len(self.slot_positions)
-        windowed = np.flatnonzero(self.slot_positions >= self.keep)
-        return int(windowed[np.argmin(self.slot_positions[windowed])])
+    @property
+    def slot_positions(self) -> np.ndarray:
+        """The absolute position of each slot the cache holds: its units', then its tail's."""
+        return np.concatenate([self.unit_positions.reshape(-1), self.tail_positions])
+
+    def _needed(self, positions: np.ndarray, query: int) -> np.ndarray:
+        """Which units (rows of `positions`) queries at position `query` and later may still see."""
+        seen = (positions < self.keep) | (positions > query - (self.max_size - self.keep))
+        return seen.any(axis=-1)
+
+    def _capacity(self) -> int:
+        """Units a buffer holds: every unit a query may see, so a new unit always finds a stale one to
+        overwrite (window blocks need not start at a block boundary: one more block)."""
+        u = self.unit_size
+        return -(-self.keep // u) + -(-(self.max_size - self.keep) // u) + (u > 1)
+
+    def _switches_now(self) -> bool:
+        return self.bits is not None and not self.quantized and self.offset >= self.quantized_kv_start
+
+    def _plan(self, length: int):
+        """Where a step of `length` tokens goes: (positions of the units stored before it, of the new
+        whole units, of the float tokens it attends (quantized; else None), of the tail after it, and
+        the unit slot a single new unit overwrites in place, None when the step concatenates then trims)."""
+        arriving = np.arange(self.offset, self.offset + length)
+        held, size = self.unit_positions[: self.units], self.unit_size
+        if self._switches_now():  # everything held goes back through the tail, in position order
+            floats = np.concatenate([np.sort(held.reshape(-1)), arriving])
+            held, size = np.zeros((0, self.group_size), dtype=np.int64), self.group_size
+        elif self.quantized:
+            floats = np.concatenate([self.tail_positions, arriving])
+        else:
+            floats = None
+        pending = arriving if floats is None else floats
+        whole = len(pending) // size * size
+        new, tail = pending[:whole].reshape(-1, size), pending[whole:]
+        slot = None
+        if len(new) == 1 and len(held):
+            if self.units < self.keys.count:
+                slot = self.units
+            else:
+                stale = np.flatnonzero(~self._needed(held, self.offset))
+                slot = int(stale[np.argmin(held[stale, 0])]) if stale.size else None
+        return held, new, floats, tail, slot
 
     def key_positions(self, length: int) -> np.ndarray:
         """Slot positions of the keys the next `update_and_fetch` of `length` tokens returns."""
-        slot = self._overwrite_slot() if length == 1 else None
-        if slot is None:
-            return np.concatenate([self.slot_positions, np.arange(self.offset, self.offset + length)])
-        positions = self.slot_positions.copy()
-        if slot == len(positions):
-            positions = np.append(positions, self.offset)
-        positions[slot] = self.offset
-        return positions[: slot_count(self.keys)]
+        held, new, floats, _, slot = self._plan(length)
+        if floats is not None:  # the units stored before (an overwritten one is stale: masked), then floats
+            return np.concatenate([held.reshape(-1), floats])
+        if slot is None or slot == len(held):
+            return np.concatenate([held, new]).reshape(-1)
+        units = held.copy()
+        units[slot] = new[0]
+        return units.reshape(-1)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        keys, values = self._stored_form(keys, values)
-        length = slot_count(keys)
-        slot = self._overwrite_slot() if length == 1 else None
-        positions = self.key_positions(length)
-        self.offset += length
+        self.unit_positions, new_positions, _, self.tail_positions, slot = self._plan(keys.shape[2])
+        new_keys, new_values, floats = self._new_units(keys, values)
+        self.offset += keys.shape[2]
+        stored_before = self.units
+        if new_keys is None:
+            return self.fetched(self.keys, self.values, self.units, floats)
         if slot is not None:
-            self.keys = _each_part(lambda buffer, new: _write(buffer, slot, new), self.keys, keys)
-            self.values = _each_part(lambda buffer, new: _write(buffer, slot, new), self.values, values)
-            self.slot_positions = positions
-            filled = len(positions)
-            return tuple(_each_part(lambda a: a[..., :filled, :], x) for x in (self.keys, self.values))
-        if self.keys is not None:
-            stored = len(self.slot_positions)
+            self.keys.write(slot, new_keys)
+            self.values.write(slot, new_values)
+            if slot == self.units:
+                self.units += 1
+                self.unit_positions = np.concatenate([self.unit_positions, new_positions])
+            else:
+                self.unit_positions[slot] = new_positions[0]
+            if floats is not None:
+                return self.fetched(self.keys, self.values, stored_before, floats)
+            return self.fetched(self.keys, self.values, self.units)
+        if self.keys is None:
+            self.keys, self.values = new_keys.zeros(0), new_values.zeros(0)
+        before_keys, before_values = self.keys.first(self.units), self.values.first(self.units)
+        new_keys, new_values = before_keys.then(new_keys), before_values.then(new_values)
+        if floats is None:  # plain: the step attends its own tokens as stored
+            fetched = self.fetched(new_keys, new_values, new_keys.count)
+        else:
+            fetched = self.fetched(before_keys, before_values, stored_before, floats)
+        new_positions = np.concatenate([self.unit_positions, new_positions])
+        kept = np.flatnonzero(self._needed(new_positions, self.offset))
+        self.unit_positions = new_positions[kept]
+        self.keys, self.values = self._into_buffer(new_keys, kept), self._into_buffer(new_values, kept)
+        self.units = len(kept)
+        return fetched
 
-            def join(old, new):
-                return mx.concatenate([old[..., :stored, :], new], axis=2)
+    def _into_buffer(self, x: Units, kept: np.ndarray) -> Units:
+        """The kept units, in a buffer of `_capacity()` units so later steps can write in place."""
+        kept_units = x if len(kept) == x.count else x.take(kept)
+        spare = self._capacity() - kept_units.count
+        return kept_units if spare <= 0 else kept_units.then(kept_units.zeros(spare))
 
-            keys, values = _each_part(join, self.keys, keys), _each_part(join, self.values, values)
-        newest = self.offset - 1
-        kept = np.flatnonzero((positions < self.keep) | (positions > newest - (self.max_size - self.keep)))
-        self.slot_positions = positions[kept]
-        self.keys, self.values = self._into_buffer(keys, kept), self._into_buffer(values, kept)
-        return keys, values
-
-    def _into_buffer(self, x, kept: np.ndarray):
-        """The kept slots, in a buffer of `max_size` slots so decoding can write in place."""
-        index = None if len(kept) == slot_count(x) else mx.array(kept)
-
-        def fit(a):
-            kept_a = a if index is None else mx.take(a, index, axis=2)
-            spare = self.max_size - kept_a.shape[2]
-            return kept_a if spare == 0 else mx.concatenate([kept_a, _zeros_like_slots(a, spare)], axis=2)
-
-        return _each_part(fit, x)
+    def _held_in_order(self):
+        if self.keys is None:
+            return None, None
+        order = np.argsort(self.unit_positions[: self.units, 0], kind="stable")
+        return [x.first(self.units).take(order).parts[0] for x in (self.keys, self.values)]
 
     def make_mask(self, query_len: int, window: int | None) -> mx.array | None:
         positions = self.key_positions(query_len)
@@ -382,17 +554,17 @@ class RotatingKVCache(_Cache):
             visible &= positions > query_pos - window
         return None if visible.all() else mx.array(visible)
 
-    @property
-    def state(self) -> list[mx.array]:
-        return _arrays(self.keys) + _arrays(self.values)
-
     def export(self) -> tuple[dict[str, mx.array], dict]:
         arrays, info = super().export()
-        arrays["slot_positions"] = mx.array(self.slot_positions)
+        arrays["unit_positions"] = mx.array(self.unit_positions)
+        arrays["tail_positions"] = mx.array(self.tail_positions)
         return arrays, info
 
     def restore(self, arrays: dict[str, mx.array], info: dict, source: str) -> None:
         super().restore(arrays, info, source)
-        if "slot_positions" not in arrays:
-            raise MlxfamError(f"{source}: tensor 'slot_positions' of a rotating cache is missing")
-        self.slot_positions = np.array(arrays["slot_positions"]).astype(np.int64)
+        for name in ("unit_positions", "tail_positions"):
+            if name not in arrays:
+                raise MlxfamError(f"{source}: tensor {name!r} of a rotating cache is missing")
+            setattr(self, name, np.array(arrays[name]).astype(np.int64))
+        if self.keys is not None:
+            self.keys, self.values = (self._into_buffer(x, np.arange(x.count)) for x in (self.keys, self.values))

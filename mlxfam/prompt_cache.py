@@ -5,7 +5,8 @@ this or another process) for the same model and cache settings only.
     cache, metadata = load_prompt_cache("chat.cache", model, kv_bits=8)
 
 The file holds tensors `layers.{i}.{name}`, each layer's exported arrays ("keys"/"values", or
-their packed "keys.data"/"keys.scales"/"keys.biases"..., and a rotating cache's "slot_positions"),
+their packed "keys.data"/"keys.scales"/"keys.biases"/"keys.tail"..., and a rotating cache's
+"unit_positions" and "tail_positions"),
 and one JSON string in the safetensors metadata under `METADATA_KEY`:
 
     format, version
@@ -34,7 +35,7 @@ from .errors import MlxfamError
 
 METADATA_KEY = "mlxfam.prompt_cache"
 FORMAT = "mlxfam-prompt-cache"
-VERSION = 1
+VERSION = 2  # 2: quantized keys per channel in blocks, with a float tail
 FINGERPRINT_VALUES = 64  # leading values of each parameter that go into the fingerprint
 
 

@@ -17,12 +17,12 @@ def test_standard_cache_preallocates_in_steps():
     cache = KVCache()
     k = mx.ones((1, 2, 3, 4))
     cache.update_and_fetch(k, k)
-    assert cache.keys.shape[2] == KVCache.step
+    assert cache.keys.count == KVCache.step
     for _ in range(KVCache.step - 3):
         keys, _ = cache.update_and_fetch(k[:, :, :1], k[:, :, :1])
-    assert keys.shape[2] == cache.offset == KVCache.step and cache.keys.shape[2] == KVCache.step
+    assert keys.shape[2] == cache.offset == KVCache.step and cache.keys.count == KVCache.step
     cache.update_and_fetch(k[:, :, :1], k[:, :, :1])
-    assert cache.keys.shape[2] == 2 * KVCache.step
+    assert cache.keys.count == 2 * KVCache.step
 
 
 @pytest.mark.parametrize("chunk", [12, 5, 1])
@@ -37,7 +37,7 @@ def test_rotating_cache_of_window_size_is_exact_for_mistral(chunk):
     for token, expected in zip(golden["decode_ids"], golden["decode_logits"]):
         logits = model(mx.array([[int(token)]]), cache=cache)[0, -1]
         np.testing.assert_allclose(np.array(logits), expected, atol=1e-4)
-        assert cache[0].keys.shape[2] == 8
+        assert cache[0].keys.count == 8
 
 
 def test_rotating_cache_larger_than_the_sequence_changes_nothing():
@@ -55,7 +55,7 @@ def test_rotating_cache_keeps_the_first_tokens_and_the_latest_window():
         value = mx.full((1, 1, 1, 1), float(position))
         keys, _ = cache.update_and_fetch(value, value)
     assert sorted(np.array(keys).ravel().tolist()) == [0, 1, 16, 17, 18, 19]
-    assert cache.keys.shape[2] == 6 and cache.offset == 20
+    assert cache.keys.count == 6 and cache.offset == 20
 
 
 def test_rotating_cache_mask_matches_its_visibility_rule():
