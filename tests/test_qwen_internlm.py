@@ -7,12 +7,12 @@ float64 re-implementation of the later original code, and unsupported values are
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlxfam.kernels.rope import rope, rope_table
 from test_golden import fixture, max_error
 
 from mlxfam.errors import MlxfamError
 from mlxfam.generate import generate_step
 from mlxfam.loader import build_model
-from mlxfam.models.internlm import rotate_per_key
 
 FP32_TOLERANCE = 1e-4  # what tests/test_golden.py asserts
 
@@ -249,12 +249,14 @@ def test_internlm1_dynamic_rotary_past_max_positions_matches_the_original_code(m
     assert np.abs(fixed_base - expected[0]).max() > 0.01
 
 
-def test_rotate_per_key_places_each_key_at_its_own_position():
-    """Keys in any slot order (the rotating cache's) get the rotation of their own position."""
+def test_keys_in_slot_order_are_rotated_at_their_own_positions():
+    """InternLM's dynamic rotary re-rotates the keys a rotating cache hands back, in its slot order:
+    a table of their positions turns each as mx.fast.rope turns it alone at its position."""
     keys = mx.random.normal((1, 2, 6, 16), key=mx.random.key(0))
     positions = np.array([9, 2, 0, 7, 3, 12])
-    periods = mx.array(10000.0 ** (np.arange(0, 16, 2) / 16), dtype=mx.float32)
-    rotated = rotate_per_key(keys, positions, periods, 16)
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    cos, sin = rope_table(mx.array(positions)[None], inv_freq.astype(np.float32))
+    rotated = rope(keys, cos, sin, rotary_dims=16, interleaved=False)
     for slot, position in enumerate(positions):
         key = keys[:, :, slot : slot + 1]
         one = mx.fast.rope(key, 16, traditional=False, base=10000.0, scale=1.0, offset=int(position))

@@ -115,8 +115,7 @@ class Attention(nn.Module):
 
     def rotate(self, q: mx.array, k: mx.array, cache) -> tuple[mx.array, mx.array]:
         """Rotary embedding of `(B, heads, L, head_dim)` queries and keys at the cache's offset."""
-        offset = cache.offset if cache is not None else 0
-        return self.rope(q, offset), self.rope(k, offset)
+        return self.rope.rotate_qk(q, k, cache.offset if cache is not None else 0)
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
         if cache is not None:

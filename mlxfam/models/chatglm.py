@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import MlxfamError
 from .base import MLP, Attention, CausalLM, DecoderLayer, DecoderModel, ModelConfig, require
 from .family import Family, Traits
+from ..kernels.rope import rope_qk
 from .rope import RopeConfig
 
 # The original builds every block with its default num_layers=28, whatever the config says.
@@ -112,16 +113,8 @@ class ChatGLMAttention(Attention):
         """2D rotary: the first half of each head turns with the positions, the second with the block
         positions, each half-split (rotate_half) within its half."""
         positions = mx.array(position_ids(cache.offset, q.shape[2], cache.family_state))
-        cos, sin = rotary_cos_sin(positions, self._inv_freq, q.dtype)  # (2 halves, L, dims/2)
-        cos, sin = cos.transpose(1, 0, 2), sin.transpose(1, 0, 2)  # (L, half, dims/2)
-
-        def rotated(x):
-            x = x.reshape(*x.shape[:-1], 2, 2, -1)  # (..., half, rotate_half part, freq)
-            a, b = x[..., 0, :], x[..., 1, :]
-            out = mx.stack([a * cos - b * sin, b * cos + a * sin], axis=-2)
-            return out.reshape(*out.shape[:-3], -1)
-
-        return rotated(q), rotated(k)
+        cos, sin = rotary_cos_sin(positions[:, None], self._inv_freq, q.dtype)  # (2 halves, 1, L, dims/2)
+        return rope_qk(q, k, cos, sin, rotary_dims=self.rope.cfg.dims, interleaved=False, two_d=True)
 
 
 class ChatGLMBlock(DecoderLayer):

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import MlxfamError
+from ..kernels.rope import rope_qk
 from .base import Attention, CausalLM, DecoderLayer, DecoderModel, ModelConfig, require
 from .chatglm import rotary_cos_sin, split_per_head
 from .family import Family, Traits
@@ -93,15 +94,8 @@ class ChatGLM2Attention(Attention):
         offset = cache.offset if cache is not None else 0
         theta = 1.0 / (mx.array(rope.base, dtype) ** (mx.arange(0, rope.dims, 2).astype(dtype) / rope.dims))
         positions = mx.arange(offset, offset + q.shape[2]).astype(dtype) / rope.scaling.get("factor", 1.0)
-        cos, sin = rotary_cos_sin(positions, theta, dtype)  # (L, dims/2)
-
-        def rotated(x):
-            pairs = x[..., : rope.dims].reshape(*x.shape[:-1], -1, 2)
-            a, b = pairs[..., 0], pairs[..., 1]
-            turned = mx.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(*x.shape[:-1], rope.dims)
-            return mx.concatenate([turned, x[..., rope.dims :]], axis=-1)
-
-        return rotated(q), rotated(k)
+        cos, sin = rotary_cos_sin(positions[None], theta, dtype)  # (1, L, dims/2)
+        return rope_qk(q, k, cos, sin, rotary_dims=rope.dims, interleaved=True)
 
 
 class ChatGLM2Block(DecoderLayer):

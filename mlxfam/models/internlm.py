@@ -14,6 +14,7 @@ import numpy as np
 
 from ..attention import attend
 from ..errors import MlxfamError
+from ..kernels.rope import rope
 from .base import Attention, CausalLM, DecoderLayer, DecoderModel, ModelConfig, require
 from .family import Family, Traits
 from .llama import llama_config, sanitize
@@ -39,16 +40,6 @@ def internlm_config(hf: dict) -> ModelConfig:
     return llama_config(hf, attention_bias=hf.get("bias", True), rope=rope, max_position_embeddings=max_positions)
 
 
-def rotate_per_key(x: mx.array, positions: np.ndarray, periods: mx.array, dims: int) -> mx.array:
-    """Half-split rotary of `(B, heads, S, head_dim)` keys, key s at `positions[s]` (any order: the
-    rotating cache's slots): each key becomes its own batch row so mx.fast.rope takes one offset per key."""
-    batch, heads, length, head_dim = x.shape
-    per_key = x.transpose(2, 0, 1, 3).reshape(length, batch * heads, 1, head_dim)
-    offsets = mx.array(positions, dtype=mx.int32)
-    rotated = mx.fast.rope(per_key, dims, traditional=False, base=None, scale=1.0, offset=offsets, freqs=periods)
-    return rotated.reshape(length, batch, heads, head_dim).transpose(1, 2, 0, 3)
-
-
 class DynamicRotaryAttention(Attention):
     """The later code's dynamic rotary: the cache holds un-rotated keys, rotated again every step."""
 
@@ -62,7 +53,9 @@ class DynamicRotaryAttention(Attention):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         q = self.rope(q, offset)
-        k = rotate_per_key(k, positions, self.rope.periods(offset + length), self.rope.cfg.dims)
+        # keys at their own positions (any order: a rotating cache's slots), with this step's table
+        cos, sin = self.rope.tables(mx.array(positions, dtype=mx.int32)[None], offset + length)
+        k = rope(k, cos, sin, rotary_dims=self.rope.cfg.dims, interleaved=False)
         return attend(q, k, v, scale=self.scale, mask=mask, softcap=self.softcap)
 
 

@@ -18,9 +18,10 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import MlxfamError
+from ..kernels.rope import rope_qk, rope_table
 from .base import Attention, CausalLM, DecoderLayer, DecoderModel, ModelConfig, require
 from .family import Family, Traits
-from .rope import RopeConfig
+from .rope import RopeConfig, default_inv_freq
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,9 @@ class QwenAttention(Attention):
         offset = cache.offset if cache is not None else 0
         dims = self.rope.cfg.dims
         base = self.rope.cfg.base * self.ntk_alpha(q.shape[2], cache) ** (dims / (dims - 2))
-        q, k = (mx.fast.rope(x, dims, traditional=False, base=base, scale=1.0, offset=offset) for x in (q, k))
+        inv_freq = default_inv_freq(dims, base).astype(np.float32)
+        cos, sin = rope_table(mx.arange(offset, offset + q.shape[2])[None], inv_freq)
+        q, k = rope_qk(q, k, cos, sin, rotary_dims=dims, interleaved=False)
         return self.logn_scaled(q, offset), k
 
     def logn_scaled(self, q: mx.array, offset: int) -> mx.array:

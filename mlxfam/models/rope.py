@@ -1,7 +1,8 @@
 """Rotary position embeddings and the frequency scalings real checkpoints ask for.
 
 A family describes its rotary embedding with a `RopeConfig`; `RotaryEmbedding` turns it into
-inverse frequencies once (or per length, for dynamic NTK) and applies them with `mx.fast.rope`.
+inverse frequencies once (or per length, for dynamic NTK) and applies them through the kernels'
+seam (`mlxfam.kernels.rope`: q and k in one launch on Metal/CUDA, MLX ops elsewhere).
 The scaling formulas follow transformers' `modeling_rope_utils.py`, which is what the HF
 configs (`rope_scaling` / `rope_parameters`) are written against.
 """
@@ -16,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import MlxfamError
+from ..kernels.rope import rope, rope_qk, rope_table
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -119,30 +121,36 @@ class RotaryEmbedding(nn.Module):
                 inv_freq = _llama3_inv_freq(inv_freq, s)
         if cfg.freq_factors is not None:
             inv_freq = inv_freq / np.asarray(cfg.freq_factors, dtype=np.float64)
-        # mx.fast.rope takes periods (1 / inv_freq); private so it is not a loadable parameter.
-        self._periods = mx.array((1.0 / inv_freq).astype(np.float32))
+        self._inv_freq = mx.array(inv_freq.astype(np.float32))  # private: not a loadable parameter
 
-    def _dynamic_periods(self, total_len: int) -> mx.array:
+    def _dynamic_inv_freq(self, total_len: int) -> mx.array:
         """HF dynamic NTK: past the trained length the base grows with the current total length."""
         max_pos = self.cfg.scaling.get("original_max_position_embeddings") or self.cfg.max_position_embeddings
         if total_len <= max_pos:
-            return self._periods
+            return self._inv_freq
         factor, d = self.cfg.scaling["factor"], self.cfg.dims
         base = self.cfg.base * ((factor * total_len / max_pos) - (factor - 1)) ** (d / (d - 2))
-        return mx.array((1.0 / default_inv_freq(d, base)).astype(np.float32))
+        return mx.array(default_inv_freq(d, base).astype(np.float32))
 
-    def periods(self, total_len: int) -> mx.array:
-        """The periods while the sequence holds `total_len` tokens (only dynamic NTK depends on it)."""
-        return self._dynamic_periods(total_len) if self.cfg.rope_type == "dynamic" else self._periods
+    def inv_freq(self, total_len: int) -> mx.array:
+        """The inverse frequencies while the sequence holds `total_len` tokens (only dynamic NTK depends on it)."""
+        return self._dynamic_inv_freq(total_len) if self.cfg.rope_type == "dynamic" else self._inv_freq
+
+    def tables(self, positions: mx.array, total_len: int) -> tuple[mx.array, mx.array]:
+        """cos/sin of `positions` (B or 1, L); yarn's attention factor scales the rotated dims."""
+        return rope_table(positions, self.inv_freq(total_len), scale=self._attention_factor)
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        periods = self.periods(offset + x.shape[-2])
-        if self._attention_factor != 1.0:
-            d = self.cfg.dims
-            x = mx.concatenate([x[..., :d] * self._attention_factor, x[..., d:]], axis=-1)
-        return mx.fast.rope(
-            x, self.cfg.dims, traditional=self.cfg.traditional, base=None, scale=1.0, offset=offset, freqs=periods
-        )
+        """`(B, heads, L, head_dim)` rotated at positions offset.. offset+L-1."""
+        total = offset + x.shape[-2]
+        cos, sin = self.tables(mx.arange(offset, total)[None], total)
+        return rope(x, cos, sin, rotary_dims=self.cfg.dims, interleaved=self.cfg.traditional)
+
+    def rotate_qk(self, q: mx.array, k: mx.array, offset: int = 0) -> tuple[mx.array, mx.array]:
+        """Queries and keys rotated at positions offset.., in one launch."""
+        total = offset + q.shape[-2]
+        cos, sin = self.tables(mx.arange(offset, total)[None], total)
+        return rope_qk(q, k, cos, sin, rotary_dims=self.cfg.dims, interleaved=self.cfg.traditional)
 
     def _extra_repr(self) -> str:
         return f"dims={self.cfg.dims}, base={self.cfg.base:g}, type={self.cfg.rope_type}"

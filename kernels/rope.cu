@@ -1,0 +1,228 @@
+// Rotary position embedding kernels for mx.fast.cuda_kernel (see rope.py for the launchers).
+//
+// Line-for-line twin of rope.metal: same sections, same indexing, same order of operations; only the
+// thread indices (blockIdx/threadIdx), the warp shuffles (__shfl_xor_sync, __shfl_down_sync over the
+// full warp), the math functions (min, max, fabsf, roundf) and `__device__` differ.
+// Sections are split on the `//@ <name>` lines: `header` is passed as the kernel header,
+// every other section is the body of the kernel of that name (MLX generates the signature).
+//
+// Template parameters: T (the tensors' dtype), INTERLEAVED (pairs (2i, 2i+1) instead of
+// (i, i + R/2)); rope_kv_block adds BITS (4 or 8) and GROUP_SIZE (32 or 64).
+// Runtime sizes come from the input shapes: the cos/sin tables are (streams, batch or 1, L, R/2)
+// float32 and row-contiguous; the tensors are read through their strides (no copy of a view).
+
+//@ header
+// Where output dim `d` of a head takes its rotation from. A head is split into `streams` parts
+// (2 for ChatGLM-6B's 2D rotary), part p turned by position stream p; within a part, the first
+// `rotary_dims` dims rotate in pairs and the rest pass through (freq < 0).
+struct RotarySlot {
+  int partner;
+  int freq;
+  int stream;
+  float sign;
+};
+
+__device__ inline RotarySlot
+rotary_slot(int d, int head_dim, int rotary_dims, int streams, bool interleaved) {
+  const int part_dims = head_dim / streams;
+  const int stream = d / part_dims;
+  const int e = d - stream * part_dims;
+  RotarySlot slot = {d, -1, stream, 0.0f};
+  if (e >= rotary_dims) {
+    return slot;
+  }
+  const int half_dims = rotary_dims / 2;
+  const bool first = interleaved ? (e % 2 == 0) : (e < half_dims);
+  slot.freq = interleaved ? e / 2 : e % half_dims;
+  slot.partner = interleaved ? (first ? d + 1 : d - 1) : (first ? d + half_dims : d - half_dims);
+  slot.sign = first ? -1.0f : 1.0f;
+  return slot;
+}
+
+// Dim d of one head row, rotated in fp32: x_d cos + sign x_partner sin (pair (a, b): a cos - b sin,
+// b cos + a sin). `table` indexes stream 0 of the (streams, batch, L, R/2) tables at (b, l).
+template <typename Row, typename Table>
+__device__ inline float rotated(
+    Row row,
+    int64_t dim_stride,
+    int d,
+    int head_dim,
+    int rotary_dims,
+    int streams,
+    bool interleaved,
+    Table cos_table,
+    Table sin_table,
+    int64_t table,
+    int64_t stream_stride) {
+  const RotarySlot slot = rotary_slot(d, head_dim, rotary_dims, streams, interleaved);
+  const float value = static_cast<float>(row[d * dim_stride]);
+  if (slot.freq < 0) {
+    return value;
+  }
+  const int64_t at = table + slot.stream * stream_stride + slot.freq;
+  const float partner = static_cast<float>(row[slot.partner * dim_stride]);
+  return value * cos_table[at] + slot.sign * partner * sin_table[at];
+}
+
+// Offset of row (b, l) of stream 0 in a (streams, batch or 1, L, R/2) table; a batch of 1 broadcasts.
+template <typename TableShape>
+__device__ inline int64_t table_row(TableShape table_shape, int b, int l) {
+  const int table_batch = table_shape[1] == 1 ? 0 : b;
+  return (int64_t(table_batch) * table_shape[2] + l) * table_shape[3];
+}
+
+// A group of 32 * V values, V per lane of one simdgroup (warp), quantized as MLX's GPU
+// affine_quantize does: w_max starts at 0 (its CPU twin starts at -inf), the scale is anchored at
+// the edge of larger magnitude, codes are round-half-away and clipped to 2^BITS - 1.
+template <int V>
+struct LaneValues {
+  float at[V];
+};
+
+struct AffineGroup {
+  float scale;
+  float bias;
+  uint32_t word;  // the packed word this lane writes if it leads one (lane % (32 / BITS / V) == 0)
+};
+
+template <int BITS, int V>
+__device__ inline AffineGroup affine_quantize_lanes(LaneValues<V> values) {
+  constexpr float n_bins = (1 << BITS) - 1;
+  constexpr int lanes_per_word = 32 / BITS / V;
+  float w_min = values.at[0];
+  float w_max = 0.0f;
+  for (int i = 0; i < V; i++) {
+    w_min = min(w_min, values.at[i]);
+    w_max = max(w_max, values.at[i]);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    w_min = min(w_min, __shfl_xor_sync(0xffffffffu, w_min, offset));
+    w_max = max(w_max, __shfl_xor_sync(0xffffffffu, w_max, offset));
+  }
+  float scale = max((w_max - w_min) / n_bins, 1e-7f);
+  const bool side = fabsf(w_min) > fabsf(w_max);
+  scale = side ? scale : -scale;
+  const float edge = side ? w_min : w_max;
+  const float q0 = roundf(edge / scale);
+  const bool at_zero = q0 == 0.0f;
+  AffineGroup group;
+  group.scale = at_zero ? scale : edge / q0;
+  group.bias = at_zero ? 0.0f : edge;
+  uint32_t mine = 0;
+  for (int i = 0; i < V; i++) {
+    const float code = min(roundf((values.at[i] - group.bias) / group.scale), n_bins);
+    mine |= static_cast<uint32_t>(code) << (BITS * i);
+  }
+  group.word = 0;
+  for (int j = 0; j < lanes_per_word; j++) {
+    group.word |= __shfl_down_sync(0xffffffffu, mine, j) << (BITS * V * j);
+  }
+  return group;
+}
+
+//@ rope
+// One thread per element of x (B, H, L, D) -> out, contiguous (B, H, L, D).
+const uint32_t index = blockIdx.x * blockDim.x + threadIdx.x;
+const int heads = x_shape[1];
+const int length = x_shape[2];
+const int head_dim = x_shape[3];
+if (index >= uint32_t(x_shape[0]) * heads * length * head_dim) {
+  return;
+}
+const int d = index % head_dim;
+const int l = (index / head_dim) % length;
+const int h = (index / head_dim / length) % heads;
+const int b = index / head_dim / length / heads;
+const int64_t table = table_row(cos_table_shape, b, l);
+const int64_t stream_stride = int64_t(cos_table_shape[1]) * cos_table_shape[2] * cos_table_shape[3];
+out[index] = static_cast<T>(rotated(
+    x + b * x_strides[0] + h * x_strides[1] + l * x_strides[2], x_strides[3], d, head_dim,
+    2 * cos_table_shape[3], cos_table_shape[0], INTERLEAVED, cos_table, sin_table, table, stream_stride));
+
+//@ rope_qk
+// One thread per element of q (B, Hq, L, D) and k (B, Hk, L, D), heads of q first.
+const uint32_t index = blockIdx.x * blockDim.x + threadIdx.x;
+const int q_heads = q_shape[1];
+const int heads = q_heads + k_shape[1];
+const int length = q_shape[2];
+const int head_dim = q_shape[3];
+if (index >= uint32_t(q_shape[0]) * heads * length * head_dim) {
+  return;
+}
+const int d = index % head_dim;
+const int l = (index / head_dim) % length;
+const int h = (index / head_dim / length) % heads;
+const int b = index / head_dim / length / heads;
+const int64_t table = table_row(cos_table_shape, b, l);
+const int64_t stream_stride = int64_t(cos_table_shape[1]) * cos_table_shape[2] * cos_table_shape[3];
+const int rotary_dims = 2 * cos_table_shape[3];
+const int streams = cos_table_shape[0];
+if (h < q_heads) {
+  q_out[((int64_t(b) * q_heads + h) * length + l) * head_dim + d] = static_cast<T>(rotated(
+      q + b * q_strides[0] + h * q_strides[1] + l * q_strides[2], q_strides[3], d, head_dim,
+      rotary_dims, streams, INTERLEAVED, cos_table, sin_table, table, stream_stride));
+} else {
+  const int kh = h - q_heads;
+  k_out[((int64_t(b) * (heads - q_heads) + kh) * length + l) * head_dim + d] = static_cast<T>(rotated(
+      k + b * k_strides[0] + kh * k_strides[1] + l * k_strides[2], k_strides[3], d, head_dim,
+      rotary_dims, streams, INTERLEAVED, cos_table, sin_table, table, stream_stride));
+}
+
+//@ rope_kv_block
+// One simdgroup (warp) per quantization group: key group (b, h, channel d, block of GROUP_SIZE
+// tokens) of the rotated keys, and value group (b, h, token, GROUP_SIZE head dims), as many of each.
+// Lane i holds the V = GROUP_SIZE / 32 consecutive elements i*V .. i*V+V-1 of both groups.
+constexpr int V = GROUP_SIZE / 32;
+constexpr int words_per_group = GROUP_SIZE * BITS / 32;
+const uint32_t group = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+const int lane = threadIdx.x % 32;
+const int heads = k_shape[1];
+const int length = k_shape[2];
+const int head_dim = k_shape[3];
+const int blocks = length / GROUP_SIZE;
+if (group >= uint32_t(k_shape[0]) * heads * blocks * head_dim) {
+  return;
+}
+const int64_t stream_stride = int64_t(cos_table_shape[1]) * cos_table_shape[2] * cos_table_shape[3];
+// Keys: channel fastest, so neighbouring simdgroups (warps) read neighbouring addresses.
+const int d = group % head_dim;
+const int block = (group / head_dim) % blocks;
+const int kbh = group / head_dim / blocks;
+LaneValues<V> keys;
+for (int i = 0; i < V; i++) {
+  const int l = block * GROUP_SIZE + lane * V + i;
+  // Rounded to T first: the cache quantizes the rotated keys as stored in its dtype.
+  keys.at[i] = static_cast<float>(static_cast<T>(rotated(
+      k + (kbh / heads) * k_strides[0] + (kbh % heads) * k_strides[1] + l * k_strides[2], k_strides[3], d, head_dim,
+      2 * cos_table_shape[3], cos_table_shape[0], INTERLEAVED, cos_table, sin_table,
+      table_row(cos_table_shape, kbh / heads, l), stream_stride)));
+}
+const AffineGroup key_group = affine_quantize_lanes<BITS, V>(keys);
+const int64_t key_row = int64_t(kbh) * head_dim + d;
+if (lane % (32 / BITS / V) == 0) {
+  k_data[key_row * blocks * words_per_group + block * words_per_group + lane / (32 / BITS / V)] = key_group.word;
+}
+if (lane == 0) {
+  k_scales[key_row * blocks + block] = static_cast<T>(key_group.scale);
+  k_biases[key_row * blocks + block] = static_cast<T>(key_group.bias);
+}
+// Values: per token, over GROUP_SIZE consecutive head dims.
+const int value_groups = head_dim / GROUP_SIZE;
+const int g = group % value_groups;
+const int l = (group / value_groups) % length;
+const int vbh = group / value_groups / length;
+LaneValues<V> values;
+for (int i = 0; i < V; i++) {
+  values.at[i] = static_cast<float>(
+      v[(vbh / heads) * v_strides[0] + (vbh % heads) * v_strides[1] + l * v_strides[2]
+        + (g * GROUP_SIZE + lane * V + i) * v_strides[3]]);
+}
+const AffineGroup value_group = affine_quantize_lanes<BITS, V>(values);
+const int64_t value_row = int64_t(vbh) * length + l;
+if (lane % (32 / BITS / V) == 0) {
+  v_data[value_row * value_groups * words_per_group + g * words_per_group + lane / (32 / BITS / V)] = value_group.word;
+}
+if (lane == 0) {
+  v_scales[value_row * value_groups + g] = static_cast<T>(value_group.scale);
+  v_biases[value_row * value_groups + g] = static_cast<T>(value_group.bias);
+}
