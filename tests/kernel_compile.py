@@ -238,6 +238,19 @@ inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
   return __shfl_sync(mask, value, (threadIdx.x % 32) ^ lane_mask);
 }
 
+// uint32 words moved down the warp (a lane past its end keeps its own value, as in CUDA).
+namespace emulation { static uint32_t exchange_words[32][32]; }
+inline uint32_t __shfl_down_sync(unsigned, uint32_t value, unsigned delta) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  emulation::exchange_words[warp][lane] = value;
+  emulation::wait(emulation::warp_barriers[warp], 32);
+  const uint32_t result = lane + delta < 32 ? emulation::exchange_words[warp][lane + delta] : value;
+  emulation::wait(emulation::warp_barriers[warp], 32);
+  return result;
+}
+
+#define blockDim (Index3{static_cast<int>(emulation::fibers.size()), 1, 1})
+
 inline void __syncthreads() {
   emulation::wait(emulation::block_barrier, static_cast<int>(emulation::fibers.size()));
 }

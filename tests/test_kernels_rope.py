@@ -7,12 +7,22 @@ cache write is decoded by its own bit unpacker and must land within one quantiza
 """
 
 import re
+from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_compile import NVCC, cuda_source, kernel_function, nvcc_compile
+from kernel_compile import (
+    GXX,
+    NVCC,
+    Emulation,
+    cuda_source,
+    emulated_function,
+    kernel_function,
+    nvcc_compile,
+)
 from mlxfam.kernels import backend, sections
+from mlxfam.kernels import rope as kernels_rope
 from mlxfam.kernels.rope import (
     KV_BITS,
     KV_GROUP_SIZES,
@@ -227,6 +237,19 @@ def kv_block_inputs(shape, dtype, rotary_dims: int):
     return (*random_tensor(shape, dtype, 11, channel_shift), *random_tensor(shape, dtype, 12, token_shift))
 
 
+def assert_kv_block(keys, values, rotated: np.ndarray, v64: np.ndarray, bits: int, group_size: int, dtype) -> None:
+    """The packed cache write (keys per channel, values per token) has the cache's shapes and dtypes
+    and decodes within a step to the numpy-rotated keys and to the values."""
+    batch, heads, length, head_dim = v64.shape
+    assert keys[0].shape == (batch, heads, head_dim, length * bits // 32) and keys[0].dtype == mx.uint32
+    assert keys[1].shape == keys[2].shape == (batch, heads, head_dim, length // group_size) and keys[1].dtype == dtype
+    assert values[0].shape == (batch, heads, length, head_dim * bits // 32) and values[0].dtype == mx.uint32
+    assert values[1].shape == values[2].shape == (batch, heads, length, head_dim // group_size)
+    assert values[1].dtype == dtype
+    assert_within_a_step(keys, rotated.swapaxes(-1, -2), bits, group_size, dtype)
+    assert_within_a_step(values, v64, bits, group_size, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size", KV_GROUP_SIZES)
 @pytest.mark.parametrize("bits", KV_BITS)
@@ -242,14 +265,7 @@ def test_rope_kv_block(choice, dtype, group_size, bits, pairing, two_d):
     cos, sin = rope_table(positions, inv_freq)
     options = {"rotary_dims": rotary_dims, "interleaved": interleaved, "two_d": two_d}
     keys, values = rope_kv_block(k, v, cos, sin, bits=bits, group_size=group_size, choice=choice, **options)
-
-    assert keys[0].shape == (2, 2, head_dim, length * bits // 32) and keys[0].dtype == mx.uint32
-    assert keys[1].shape == keys[2].shape == (2, 2, head_dim, length // group_size) and keys[1].dtype == dtype
-    assert values[0].shape == (2, 2, length, head_dim * bits // 32)
-    assert values[1].shape == (2, 2, length, head_dim // group_size) and values[1].dtype == dtype
-    rotated = numpy_rope(k64, positions, inv_freq, **options)
-    assert_within_a_step(keys, rotated.swapaxes(-1, -2), bits, group_size, dtype)
-    assert_within_a_step(values, v64, bits, group_size, dtype)
+    assert_kv_block(keys, values, numpy_rope(k64, positions, inv_freq, **options), v64, bits, group_size, dtype)
 
     reference_keys = rope(k, cos, sin, choice="reference", **options)
     assert_same_quantization(
@@ -370,3 +386,143 @@ def test_cuda_sources_compile(tmp_path):
         for call in calls
     ]
     nvcc_compile(cuda_source(cuda["header"], functions), tmp_path)
+
+
+# --- the CUDA kernels, run on the CPU ------------------------------------------------------------------
+
+# What the rope kernels use beyond tests/kernel_compile.py's emulation (float shuffles, threadIdx and
+# blockIdx): blockDim (the threads of the block being run), and __shfl_down_sync on uint32_t, with
+# which rope_kv_block packs its words (a lane past the warp's end keeps its own value, as in CUDA).
+NUMPY_TYPES = {mx.float32: np.float32, mx.float16: np.float16, mx.uint32: np.uint32}
+
+
+def emulated_rope(dtype, pairing: str, head_dim: int, rotary_dims: int, two_d=False, table_batch=2):
+    """rope of a (2, 3, 5, head_dim) tensor: (launch, check of its output)."""
+    interleaved = PAIRINGS[pairing]
+    x, x64 = random_tensor((2, 3, 5, head_dim), dtype, seed=head_dim + two_d)
+    positions = chatglm_positions(5) if two_d else row_positions(5, OFFSETS[:table_batch])
+    inv_freq = default_inv_freq(rotary_dims, 10000.0)
+    options = {"rotary_dims": rotary_dims, "interleaved": interleaved, "two_d": two_d}
+    expected = numpy_rope(x64, positions, inv_freq, **options)
+    return (
+        lambda: rope(x, *rope_table(positions, inv_freq), choice="kernel", **options),
+        lambda out: assert_rotated(out, expected, dtype),
+    )
+
+
+def emulated_rope_qk(dtype, pairing: str, heads):
+    """rope_qk of q (2, Hq, 6, 64) and k (2, Hk, 6, 64), both transposed (B, L, H, D) projections."""
+    interleaved = PAIRINGS[pairing]
+    (q, q64), (k, k64) = (random_tensor((2, 6, h, 64), dtype, seed=seed) for seed, h in enumerate(heads))
+    q, k, q64, k64 = q.swapaxes(1, 2), k.swapaxes(1, 2), q64.swapaxes(1, 2), k64.swapaxes(1, 2)
+    positions, inv_freq = row_positions(6), default_inv_freq(64, 500000.0)
+    expected = [numpy_rope(x64, positions, inv_freq, rotary_dims=64, interleaved=interleaved) for x64 in (q64, k64)]
+
+    def check(outputs):
+        for got, oracle in zip(outputs, expected):
+            assert_rotated(got, oracle, dtype)
+
+    def launch():
+        return rope_qk(
+            q, k, *rope_table(positions, inv_freq), rotary_dims=64, interleaved=interleaved, choice="kernel"
+        )
+
+    return launch, check
+
+
+def emulated_kv_block(dtype, pairing: str, bits: int, group_size: int, two_d=False):
+    """rope_kv_block of two blocks of (2, 1, 2 * group_size, 64) keys and values, with groups all of
+    one sign (kv_block_inputs)."""
+    length, rotary_dims = 2 * group_size, 16 if two_d else 48
+    k, k64, v, v64 = kv_block_inputs((2, 1, length, 64), dtype, rotary_dims)
+    inv_freq = default_inv_freq(rotary_dims, 10000.0)
+    positions = chatglm_positions(length) if two_d else row_positions(length)
+    options = {"rotary_dims": rotary_dims, "interleaved": PAIRINGS[pairing], "two_d": two_d}
+    rotated = numpy_rope(k64, positions, inv_freq, **options)
+    for groups in (rotated.swapaxes(-1, -2), v64):  # the case holds what it is meant to
+        signs = np.sign(groups.reshape(*groups.shape[:-1], -1, group_size))
+        assert (np.abs(signs.sum(axis=-1)) == group_size).any(), "no group all of one sign"
+
+    def launch():
+        return rope_kv_block(
+            k, v, *rope_table(positions, inv_freq), bits=bits, group_size=group_size, choice="kernel", **options
+        )
+
+    return launch, lambda packed: assert_kv_block(*packed, rotated, v64, bits, group_size, dtype)
+
+
+# Together: both pairings, full and partial rotary (80 dims: a grid that ends mid-threadgroup), 2D,
+# fp32 and fp16 (the emulation has no bfloat16), two batch rows at different offsets and a table
+# shared by the batch, rope_qk with GQA and MQA, and every bits x group size of the cache write.
+EMULATED_CASES = {
+    "rope-f32-half-split-d64": lambda: emulated_rope(mx.float32, "half-split", 64, 64),
+    "rope-f16-interleaved-partial-d80": lambda: emulated_rope(mx.float16, "interleaved", 80, 40),
+    "rope-f16-half-split-shared-table": lambda: emulated_rope(mx.float16, "half-split", 64, 32, table_batch=1),
+    "rope-2d-f32-interleaved": lambda: emulated_rope(mx.float32, "interleaved", 64, 32, two_d=True),
+    "rope-2d-f16-half-split-partial": lambda: emulated_rope(mx.float16, "half-split", 128, 32, two_d=True),
+    "rope_qk-gqa-f16-half-split": lambda: emulated_rope_qk(mx.float16, "half-split", (4, 2)),
+    "rope_qk-mqa-f32-interleaved": lambda: emulated_rope_qk(mx.float32, "interleaved", (8, 1)),
+    "rope_kv_block-4bit-g32-f16-half-split": lambda: emulated_kv_block(mx.float16, "half-split", 4, 32),
+    "rope_kv_block-8bit-g64-f32-interleaved-2d": lambda: emulated_kv_block(
+        mx.float32, "interleaved", 8, 64, two_d=True
+    ),
+    "rope_kv_block-8bit-g32-f32-interleaved": lambda: emulated_kv_block(mx.float32, "interleaved", 8, 32),
+    "rope_kv_block-4bit-g64-f16-half-split-2d": lambda: emulated_kv_block(
+        mx.float16, "half-split", 4, 64, two_d=True
+    ),
+}
+
+
+@contextmanager
+def cuda_kernels(launch):
+    """mlxfam.kernels.rope as on a CUDA GPU, its kernels built by `launch`: each call of a kernel
+    object is `launch(section, input_names, output_names, **arguments)`, with the section of rope.cu
+    `_kernel` would hand mx.fast.cuda_kernel and the arguments `_launch` passes the kernel object
+    (inputs, template, grid, threadgroup, output_shapes, output_dtypes)."""
+
+    def kernel(kind, name, body, input_names, output_names):
+        assert kind == "cuda" and name == f"mlxfam_{body}"
+        return lambda **arguments: launch(body, input_names, output_names, **arguments)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mlxfam.kernels.gpu_backend", lambda: "cuda")
+        patch.setattr(kernels_rope, "_kernel", kernel)
+        yield
+
+
+@pytest.fixture(scope="module")
+def emulation(tmp_path_factory):
+    """Every instantiation the EMULATED_CASES launch, as the launchers request them, compiled once for the CPU."""
+    if GXX is None:
+        pytest.skip("g++ is not installed")
+    cuda, functions = sections("rope", "cuda"), []
+
+    def record(body, input_names, output_names, *, inputs, template, output_shapes, output_dtypes, **_):
+        inputs, outputs = zip(input_names, [x.dtype for x in inputs]), zip(output_names, output_dtypes)
+        functions.append(emulated_function(body, cuda[body], list(inputs), list(outputs), template))
+        return [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
+
+    with cuda_kernels(record):
+        for build in EMULATED_CASES.values():
+            build()[0]()
+    return Emulation(cuda["header"], functions, tmp_path_factory.mktemp("rope_emulation"))
+
+
+@pytest.mark.parametrize("case", EMULATED_CASES)
+def test_cuda_kernel_emulated_on_the_cpu(emulation, case):
+    """The CUDA kernels, launched by the launchers (grid, threadgroup, template, the inputs through
+    their strides) on tests/kernel_compile.py's CPU emulation, against the numpy oracle. The packed
+    cache write follows MLX's GPU quantize rule, so it is held to a step of the rotation (not to the
+    CPU's mx.quantize)."""
+    launches = []
+
+    def run(body, input_names, output_names, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+        outputs = [np.zeros(shape, NUMPY_TYPES[dtype]) for shape, dtype in zip(output_shapes, output_dtypes)]
+        emulation.run(body, template, [np.array(x) for x in inputs], outputs, grid, threadgroup)
+        launches.append(body)
+        return [mx.array(out) for out in outputs]
+
+    launch, check = EMULATED_CASES[case]()
+    with cuda_kernels(run):
+        check(launch())
+    assert launches == [case.split("-")[0]]  # one launch, of the kernel the case is named after
