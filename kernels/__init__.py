@@ -21,6 +21,7 @@ import mlx.core as mx
 from ..errors import MlxfamError
 
 KERNELS_ENV = "MLXFAM_KERNELS"
+FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)  # what every kernel takes and computes in
 CHOICES = ("auto", "reference", "kernel")
 
 

@@ -34,14 +34,11 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from ..cache import QuantizedKV
+from ..cache import KV_BITS, KV_GROUP_SIZES, QuantizedKV
 from ..errors import MlxfamError
-from . import backend, sections
+from . import FLOAT_DTYPES, backend, sections
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
-DTYPES = (mx.float16, mx.bfloat16, mx.float32)
-KV_BITS = (4, 8)
-KV_GROUP_SIZES = (32, 64)
 
 # Kernel constants, the same as the sources' WARPS, STEP and SPW: 4 warps (simdgroups) of 32 lanes
 # per block, each scoring STEP keys at a time, SPW per lane (a quarter of a 4-bit word, a whole
@@ -90,6 +87,19 @@ def attention(q, k, v, *, scale: float, softcap: float | None = None, choice: st
     if choice == "kernel":
         raise MlxfamError(f"the attention kernel cannot take this call: {reason}")
     return _reference(shape, q, k, v, scale, softcap, masks)
+
+
+def kernel_attention(q, k, v, *, scale: float, softcap: float | None = None, **masks) -> mx.array | None:
+    """The attention by the kernel where one runs (`backend()`) and takes the call, else None: for
+    callers with their own fallback (`mlxfam.attention.attend`), checking the call once."""
+    kind = backend()
+    if kind is None:
+        return None
+    masks = Masks(**masks)
+    shape = _check(q, k, v, masks)
+    if _unsupported(shape, q, k, v) is not None:
+        return None
+    return _launch(kind, _partial_call(shape, q, k, v, scale, softcap, masks))
 
 
 def kernel_unsupported(q, k, v, *, scale: float | None = None, softcap: float | None = None, **masks) -> str | None:
@@ -181,7 +191,7 @@ def _layout(x: mx.array | QuantizedKV, name: str, per_channel: bool) -> tuple[in
 def _check(q, k, v, masks: Masks) -> _Shape:
     """The call's shape; MlxfamError naming what is wrong for bad input."""
     mask, key_positions, query_positions, window, alibi_slopes = masks
-    if q.ndim != 4 or q.dtype not in DTYPES:
+    if q.ndim != 4 or q.dtype not in FLOAT_DTYPES:
         raise MlxfamError(
             f"queries: expected (batch, heads, queries, head_dim) float16/bfloat16/float32, got {q.dtype} {q.shape}"
         )

@@ -36,12 +36,10 @@ from functools import cache
 
 import mlx.core as mx
 
+from ..cache import KV_BITS, KV_GROUP_SIZES
 from ..errors import MlxfamError
-from . import backend, sections
+from . import FLOAT_DTYPES, backend, sections
 
-FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
-KV_BITS = (4, 8)
-KV_GROUP_SIZES = (32, 64)
 THREADGROUP = 256  # threads; a multiple of 32 so that each quantization group is one simdgroup/warp
 MAX_THREADS = 2**31 - 1  # MLX's grid sizes are ints
 SIMD_WIDTH = 32  # lanes per quantization group in rope_kv_block

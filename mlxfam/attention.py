@@ -20,8 +20,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .cache import QuantizedKV, slot_count
-from .kernels import backend
-from .kernels.attention import attention, kernel_unsupported
+from .kernels.attention import attention, kernel_attention
 
 # 2^20 scores (4 MiB in float32) per query chunk: with the few same-sized temporaries of the
 # softmax, below the float16 score matrix of a 512-token prefill step over 1k keys or more.
@@ -37,8 +36,9 @@ def attend(
     mask=None,
     softcap: float | None = None,
 ) -> mx.array:
-    if backend() is not None and kernel_unsupported(q, k, v, mask=mask, softcap=softcap) is None:
-        return attention(q, k, v, scale=scale, mask=mask, softcap=softcap, choice="kernel")
+    fused = kernel_attention(q, k, v, scale=scale, mask=mask, softcap=softcap)
+    if fused is not None:
+        return fused
     if softcap is None and not isinstance(k, QuantizedKV):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     batch, heads, length, _ = q.shape

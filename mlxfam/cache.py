@@ -149,12 +149,17 @@ def plain_units(x: mx.array) -> Units:
     return Units((x,), (2,), (1,))
 
 
-def packed_units(x: mx.array, group_size: int, bits: int, per_channel: bool) -> Units:
-    """`(B, kv_heads, n * group_size, head_dim)` tokens quantized into n blocks of the module's layout."""
-    parts = mx.quantize(x.swapaxes(-1, -2) if per_channel else x, group_size=group_size, bits=bits)
+def packed_blocks(parts, group_size: int, bits: int, per_channel: bool) -> Units:
+    """Packed (data, scales, biases) in the module's layout, as units of a block each."""
     if per_channel:
         return Units(tuple(parts), (3, 3, 3), (group_size * bits // 32, 1, 1))
     return Units(tuple(parts), (2, 2, 2), (group_size,) * 3)
+
+
+def packed_units(x: mx.array, group_size: int, bits: int, per_channel: bool) -> Units:
+    """`(B, kv_heads, n * group_size, head_dim)` tokens quantized into n blocks of the module's layout."""
+    parts = mx.quantize(x.swapaxes(-1, -2) if per_channel else x, group_size=group_size, bits=bits)
+    return packed_blocks(parts, group_size, bits, per_channel)
 
 
 def attention_mask(query_len: int, offset: int, window: int | None) -> mx.array | str | None:
@@ -301,6 +306,11 @@ class _Cache:
             QuantizedKV(*v, tail_v, self.group_size, self.bits, False),
         )
 
+    def _step_fetch(self, stored_before: int, floats) -> tuple:
+        """What a step attends (see `fetched`): plain, every stored unit (its own tokens among them);
+        quantized, the units stored before it, then `floats`."""
+        return self.fetched(self.keys, self.values, self.units if floats is None else stored_before, floats)
+
     @property
     def held(self):
         """The keys and values the cache holds, as attention would read them (arrays or QuantizedKV)."""
@@ -351,11 +361,10 @@ class _Cache:
         if "keys" in arrays and "values" in arrays:
             self.keys, self.values = plain_units(arrays["keys"]), plain_units(arrays["values"])
         elif all(f"{name}.{part}" in arrays for name in ("keys", "values") for part in PACKED_PARTS):
-            g = self.group_size
             key_parts, value_parts = ([arrays[f"{name}.{part}"] for part in PACKED_PARTS] for name in ("keys", "values"))
             self.key_tail, self.value_tail = key_parts.pop(), value_parts.pop()
-            self.keys = Units(tuple(key_parts), (3, 3, 3), (g * self.bits // 32, 1, 1))
-            self.values = Units(tuple(value_parts), (2, 2, 2), (g,) * 3)
+            self.keys = packed_blocks(key_parts, self.group_size, self.bits, per_channel=True)
+            self.values = packed_blocks(value_parts, self.group_size, self.bits, per_channel=False)
         elif self.offset == 0:
             return
         else:
@@ -388,9 +397,7 @@ class KVCache(_Cache):
             self.keys.write(self.units, new_keys)
             self.values.write(self.units, new_values)
             self.units = needed
-        if floats is not None:
-            return self.fetched(self.keys, self.values, stored_before, floats)
-        return self.fetched(self.keys, self.values, self.units)
+        return self._step_fetch(stored_before, floats)
 
     def _grow(self, keys: Units, values: Units, needed: int) -> None:
         step = max(1, self.step // self.unit_size)
@@ -505,7 +512,7 @@ class RotatingKVCache(_Cache):
         self.offset += keys.shape[2]
         stored_before = self.units
         if new_keys is None:
-            return self.fetched(self.keys, self.values, self.units, floats)
+            return self._step_fetch(stored_before, floats)
         if slot is not None:
             self.keys.write(slot, new_keys)
             self.values.write(slot, new_values)
@@ -514,9 +521,7 @@ class RotatingKVCache(_Cache):
                 self.unit_positions = np.concatenate([self.unit_positions, new_positions])
             else:
                 self.unit_positions[slot] = new_positions[0]
-            if floats is not None:
-                return self.fetched(self.keys, self.values, stored_before, floats)
-            return self.fetched(self.keys, self.values, self.units)
+            return self._step_fetch(stored_before, floats)
         if self.keys is None:
             self.keys, self.values = new_keys.zeros(0), new_values.zeros(0)
         before_keys, before_values = self.keys.first(self.units), self.values.first(self.units)

@@ -27,16 +27,16 @@ from kernel_compile import (
     kernel_function,
     nvcc_compile,
 )
+from mlxfam.kernels import FLOAT_DTYPES, backend, sections
 from mlxfam.kernels import attention as kernels_attention
-from mlxfam.kernels import backend, sections
 from mlxfam.kernels.attention import (
-    DTYPES,
     HEAD_DIMS,
     attention,
     kernel_unsupported,
     max_rows,
 )
 
+from mlxfam.attention import attend
 from mlxfam.cache import QuantizedKV
 from mlxfam.errors import MlxfamError
 
@@ -179,7 +179,7 @@ def check(implementation, q, k, v, **keywords):
     np.testing.assert_allclose(as_float64(got), expected, rtol=0, atol=TOLERANCE[q.dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize(
     "dim,cache",
     # A packed cache needs its group size to divide head_dim (values are grouped along it).
@@ -437,6 +437,16 @@ def test_dispatch_runs_the_kernel_where_it_can(launches, monkeypatch):
     assert launches == ["cuda"]
 
 
+def test_the_models_seam_takes_the_kernel_where_it_can(launches):
+    """mlxfam.attention.attend, which every model calls: the kernel where it takes the call, else its
+    own fallback (here mx.fast's attention, for a head_dim the kernel is not built for)."""
+    attend(*small_call(), scale=0.125)
+    assert launches == ["cuda"]
+    q, k, v = small_call(dim=72)
+    np.testing.assert_allclose(as_float64(attend(q, k, v, scale=0.125)), naive_attention(q, k, v, scale=0.125), atol=1e-4)
+    assert launches == ["cuda"]
+
+
 def test_forcing_kernels_without_a_gpu_is_an_error(monkeypatch):
     if backend() is not None:
         pytest.skip(f"MLX computes on a {backend()} device here")
@@ -533,7 +543,7 @@ def launcher_requests():
     kernel's templates: each dtype and head_dim, each row count up to the kernel's bound, plain and
     packed caches."""
     partial, reduce = [], []
-    for dtype, dim in product(DTYPES, HEAD_DIMS):
+    for dtype, dim in product(FLOAT_DTYPES, HEAD_DIMS):
         rows = 1
         while rows <= max_rows(dim):
             q = mx.zeros((1, rows, 1, dim), dtype=dtype)

@@ -24,8 +24,6 @@ from kernel_compile import (
 from mlxfam.kernels import backend, sections
 from mlxfam.kernels import rope as kernels_rope
 from mlxfam.kernels.rope import (
-    KV_BITS,
-    KV_GROUP_SIZES,
     MAX_THREADS,
     kernel_calls,
     kernel_unsupported,
@@ -35,6 +33,7 @@ from mlxfam.kernels.rope import (
     rope_table,
 )
 
+from mlxfam.cache import KV_BITS, KV_GROUP_SIZES
 from mlxfam.errors import MlxfamError
 from mlxfam.models.rope import _llama3_inv_freq, _yarn, default_inv_freq
 

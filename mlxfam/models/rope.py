@@ -140,16 +140,17 @@ class RotaryEmbedding(nn.Module):
         """cos/sin of `positions` (B or 1, L); yarn's attention factor scales the rotated dims."""
         return rope_table(positions, self.inv_freq(total_len), scale=self._attention_factor)
 
+    def _tables_from(self, offset: int, length: int) -> tuple[mx.array, mx.array]:
+        return self.tables(mx.arange(offset, offset + length)[None], offset + length)
+
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         """`(B, heads, L, head_dim)` rotated at positions offset.. offset+L-1."""
-        total = offset + x.shape[-2]
-        cos, sin = self.tables(mx.arange(offset, total)[None], total)
+        cos, sin = self._tables_from(offset, x.shape[-2])
         return rope(x, cos, sin, rotary_dims=self.cfg.dims, interleaved=self.cfg.traditional)
 
     def rotate_qk(self, q: mx.array, k: mx.array, offset: int = 0) -> tuple[mx.array, mx.array]:
         """Queries and keys rotated at positions offset.., in one launch."""
-        total = offset + q.shape[-2]
-        cos, sin = self.tables(mx.arange(offset, total)[None], total)
+        cos, sin = self._tables_from(offset, q.shape[-2])
         return rope_qk(q, k, cos, sin, rotary_dims=self.cfg.dims, interleaved=self.cfg.traditional)
 
     def _extra_repr(self) -> str:
