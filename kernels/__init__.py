@@ -22,6 +22,9 @@ from ..errors import MlxfamError
 
 KERNELS_ENV = "MLXFAM_KERNELS"
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)  # what every kernel takes and computes in
+# The quantized KV cache's packings (its layout: `mlxfam.cache`), each of which the kernels are built for.
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64)
 CHOICES = ("auto", "reference", "kernel")
 
 

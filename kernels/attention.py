@@ -34,9 +34,9 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from ..cache import KV_BITS, KV_GROUP_SIZES, QuantizedKV
+from ..cache import QuantizedKV
 from ..errors import MlxfamError
-from . import FLOAT_DTYPES, backend, sections
+from . import FLOAT_DTYPES, KV_BITS, KV_GROUP_SIZES, backend, sections
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 

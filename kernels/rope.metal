@@ -13,7 +13,8 @@
 // every other section is the body of the kernel of that name (MLX generates the signature).
 //
 // Template parameters: T (the tensors' dtype), INTERLEAVED (pairs (2i, 2i+1) instead of
-// (i, i + R/2)); rope_kv_block adds BITS (4 or 8) and GROUP_SIZE (32 or 64).
+// (i, i + R/2)); rope_kv_block adds ROTATE (false: the keys come rotated), BITS (4 or 8)
+// and GROUP_SIZE (32 or 64).
 // Runtime sizes come from the input shapes: the cos/sin tables are (streams, batch or 1, L, R/2)
 // float32 and row-contiguous; the tensors are read through their strides (no copy of a view).
 
@@ -190,6 +191,8 @@ if (group >= uint32_t(k_shape[0]) * heads * blocks * head_dim) {
   return;
 }
 const int64_t stream_stride = int64_t(cos_table_shape[1]) * cos_table_shape[2] * cos_table_shape[3];
+// Keys already rotated (ROTATE false) pass through whole: no dim rotates, no table is read.
+const int rotary_dims = ROTATE ? 2 * cos_table_shape[3] : 0;
 // Keys: channel fastest, so neighbouring simdgroups (warps) read neighbouring addresses.
 const int d = group % head_dim;
 const int block = (group / head_dim) % blocks;
@@ -200,7 +203,7 @@ for (int i = 0; i < V; i++) {
   // Rounded to T first: the cache quantizes the rotated keys as stored in its dtype.
   keys.at[i] = static_cast<float>(static_cast<T>(rotated(
       k + (kbh / heads) * k_strides[0] + (kbh % heads) * k_strides[1] + l * k_strides[2], k_strides[3], d, head_dim,
-      2 * cos_table_shape[3], cos_table_shape[0], INTERLEAVED, cos_table, sin_table,
+      rotary_dims, cos_table_shape[0], INTERLEAVED, cos_table, sin_table,
       table_row(cos_table_shape, kbh / heads, l), stream_stride)));
 }
 const AffineGroup key_group = affine_quantize_lanes<BITS, V>(keys);

@@ -23,6 +23,12 @@ MLX's custom kernels always write fresh output arrays (an input is never updated
 new tokens (rotated keys in the cache dtype, or packed blocks with their scales and biases), which
 the cache slice-assigns into its preallocated buffers.
 
+`quantize_kv_blocks` is the same launch for keys already rotated, and it is the one mlxfam's caches
+call: a step attends its own tokens in float (`mlxfam.cache`), so the model rotates them with
+`rope_qk` anyway, and the cache packs its full blocks from those float keys. Rotating them a second
+time inside the write would save nothing; packing keys per channel and values per token in one
+launch saves `mx.quantize`'s transposed copy of the keys and a second launch.
+
 Which implementation runs is `mlxfam.kernels.backend(choice)`: the Metal or CUDA kernel when MLX
 computes on such a GPU and `kernel_unsupported` has no objection, else the reference (composed of
 MLX ops: `mx.fast.rope` has no 2D rotary, per-row offsets or tables). `choice="reference"` forces
@@ -36,9 +42,8 @@ from functools import cache
 
 import mlx.core as mx
 
-from ..cache import KV_BITS, KV_GROUP_SIZES
 from ..errors import MlxfamError
-from . import FLOAT_DTYPES, backend, sections
+from . import FLOAT_DTYPES, KV_BITS, KV_GROUP_SIZES, backend, sections
 
 THREADGROUP = 256  # threads; a multiple of 32 so that each quantization group is one simdgroup/warp
 MAX_THREADS = 2**31 - 1  # MLX's grid sizes are ints
@@ -121,9 +126,7 @@ def _checked_qk(q: mx.array, k: mx.array, cos: mx.array, sin: mx.array, rotary_d
     return _tables(q, cos, sin, rotary_dims, two_d)
 
 
-def _checked_kv(
-    k: mx.array, v: mx.array, cos: mx.array, sin: mx.array, rotary_dims: int, two_d: bool, bits: int, group_size: int
-) -> Tables:
+def _checked_blocks(k: mx.array, v: mx.array, bits: int, group_size: int) -> None:
     _check_tensor("k", k)
     _check_tensor("v", v)
     if bits not in KV_BITS:
@@ -139,6 +142,12 @@ def _checked_kv(
         raise MlxfamError(f"a cache block holds whole groups: {length} tokens is not a multiple of {group_size}")
     if head_dim % group_size:
         raise MlxfamError(f"head_dim {head_dim} is not a multiple of the group size {group_size}")
+
+
+def _checked_kv(
+    k: mx.array, v: mx.array, cos: mx.array, sin: mx.array, rotary_dims: int, two_d: bool, bits: int, group_size: int
+) -> Tables:
+    _checked_blocks(k, v, bits, group_size)
     return _tables(k, cos, sin, rotary_dims, two_d)
 
 
@@ -162,10 +171,7 @@ def _rotated_reference(x: mx.array, cos: mx.array, sin: mx.array, rotary_dims: i
     return mx.concatenate([turned, passing], axis=-1).reshape(x.shape).astype(x.dtype)
 
 
-def _kv_block_reference(
-    k: mx.array, v: mx.array, tables: Tables, rotary_dims: int, interleaved: bool, bits: int, group_size: int
-) -> tuple[Packed, Packed]:
-    keys = _rotated_reference(k, *tables, rotary_dims, interleaved)
+def _blocks_reference(keys: mx.array, v: mx.array, bits: int, group_size: int) -> tuple[Packed, Packed]:
     return (
         tuple(mx.quantize(keys.swapaxes(-1, -2), group_size=group_size, bits=bits)),
         tuple(mx.quantize(v, group_size=group_size, bits=bits)),
@@ -192,6 +198,8 @@ class KernelCall:
 
 
 _TABLE_INPUTS = (("cos_table", mx.float32), ("sin_table", mx.float32))
+# What quantize_kv_blocks passes as tables: with ROTATE false the kernel reads only their shape.
+_NO_TABLES_SHAPE = (1, 1, 1, 1)
 
 
 def _rope_call(dtype: mx.Dtype, interleaved: bool) -> KernelCall:
@@ -209,24 +217,33 @@ def _rope_qk_call(dtype: mx.Dtype, interleaved: bool) -> KernelCall:
     )
 
 
-def _rope_kv_block_call(dtype: mx.Dtype, interleaved: bool, bits: int, group_size: int) -> KernelCall:
+def _rope_kv_block_call(dtype: mx.Dtype, interleaved: bool, rotate: bool, bits: int, group_size: int) -> KernelCall:
     packed = tuple((f"{x}_{part}", mx.uint32 if part == "data" else dtype) for x in "kv" for part in PACKED_PARTS)
     return KernelCall(
         "rope_kv_block",
         (("k", dtype), ("v", dtype), *_TABLE_INPUTS),
         packed,
-        (("T", dtype), ("INTERLEAVED", interleaved), ("BITS", bits), ("GROUP_SIZE", group_size)),
+        (
+            ("T", dtype),
+            ("INTERLEAVED", interleaved),
+            ("ROTATE", rotate),
+            ("BITS", bits),
+            ("GROUP_SIZE", group_size),
+        ),
     )
 
 
 def kernel_calls() -> list[KernelCall]:
     """Every launch the launchers can request: each dtype and pairing, and for rope_kv_block each
-    bits and group size (runtime sizes come from the inputs' shapes, not from templates)."""
+    bits and group size, rotating (each pairing) or not (quantize_kv_blocks); runtime sizes come
+    from the inputs' shapes, not from templates."""
     calls = []
     for dtype in FLOAT_DTYPES:
+        packings = [(b, g) for b in KV_BITS for g in KV_GROUP_SIZES]
         for interleaved in (False, True):
             calls += [_rope_call(dtype, interleaved), _rope_qk_call(dtype, interleaved)]
-            calls += [_rope_kv_block_call(dtype, interleaved, b, g) for b in KV_BITS for g in KV_GROUP_SIZES]
+            calls += [_rope_kv_block_call(dtype, interleaved, True, b, g) for b, g in packings]
+        calls += [_rope_kv_block_call(dtype, False, False, b, g) for b, g in packings]
     return calls
 
 
@@ -295,8 +312,9 @@ def _kv_block_threads(k: mx.array, group_size: int) -> int:
 
 
 def _kv_block_launch(
-    kind: str, k: mx.array, v: mx.array, tables: Tables, interleaved: bool, bits: int, group_size: int
+    kind: str, k: mx.array, v: mx.array, tables: Tables | None, interleaved: bool, bits: int, group_size: int
 ) -> tuple[Packed, Packed]:
+    """rope_kv_block's launch; `tables` None: the keys are stored as given (ROTATE false)."""
     batch, heads, length, head_dim = k.shape
     key_words, key_groups = (
         (batch, heads, head_dim, length * bits // 32),
@@ -304,9 +322,12 @@ def _kv_block_launch(
     )
     value_words = (batch, heads, length, head_dim * bits // 32)
     value_groups = (batch, heads, length, head_dim // group_size)
+    rotate = tables is not None
+    if not rotate:
+        tables = (mx.zeros(_NO_TABLES_SHAPE, mx.float32),) * 2
     outputs = _launch(
         kind,
-        _rope_kv_block_call(k.dtype, interleaved, bits, group_size),
+        _rope_kv_block_call(k.dtype, interleaved and rotate, rotate, bits, group_size),
         [k, v, *tables],
         [key_words, key_groups, key_groups, value_words, value_groups, value_groups],
         _kv_block_threads(k, group_size),
@@ -380,5 +401,18 @@ def rope_kv_block(
     tables = _checked_kv(k, v, cos, sin, rotary_dims, two_d, bits, group_size)
     kind = _chosen(choice, _kv_block_threads(k, group_size))
     if kind is None:
-        return _kv_block_reference(k, v, tables, rotary_dims, interleaved, bits, group_size)
+        return _blocks_reference(_rotated_reference(k, *tables, rotary_dims, interleaved), v, bits, group_size)
     return _kv_block_launch(kind, k, v, tables, interleaved, bits, group_size)
+
+
+def quantize_kv_blocks(
+    k: mx.array, v: mx.array, *, bits: int, group_size: int, choice: str | None = None
+) -> tuple[Packed, Packed]:
+    """`rope_kv_block` for keys already rotated: k and v (B, H, L, D), L a multiple of
+    `group_size`, quantized into the cache's packed layout in one launch (the kernel's, else
+    `mx.quantize` of k transposed and of v), as `rope_kv_block` returns them."""
+    _checked_blocks(k, v, bits, group_size)
+    kind = _chosen(choice, _kv_block_threads(k, group_size))
+    if kind is None:
+        return _blocks_reference(k, v, bits, group_size)
+    return _kv_block_launch(kind, k, v, None, False, bits, group_size)

@@ -16,7 +16,9 @@ Packed layout of a quantizing cache (what `mlxfam.attention` reads with `mx.quan
 and what the kernels in `mlxfam.kernels` read directly). Tokens are quantized a block of
 `group_size` (G) at a time, with MLX's affine quantization (`bits` 4 or 8; element = scale * u + bias,
 u the unsigned `bits`-bit integer; a scale may be negative: MLX anchors the bias at the group's edge
-of larger magnitude). Until a block is full its tokens wait in a float tail. Per layer, a
+of larger magnitude), by `mlxfam.kernels.rope.quantize_kv_blocks` (keys and values of whole blocks in
+one launch of the Metal/CUDA cache write on a GPU, `mx.quantize` elsewhere). Until a block is full
+its tokens wait in a float tail. Per layer, a
 `QuantizedKV` for the keys and one for the values:
 
     keys, per channel over each block's G slots (outlier channels get their own scale):
@@ -52,9 +54,9 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import MlxfamError
+from .kernels import KV_BITS, KV_GROUP_SIZES
+from .kernels.rope import quantize_kv_blocks
 
-KV_BITS = (4, 8)
-KV_GROUP_SIZES = (32, 64)
 PACKED_PARTS = ("data", "scales", "biases", "tail")
 
 
@@ -156,10 +158,17 @@ def packed_blocks(parts, group_size: int, bits: int, per_channel: bool) -> Units
     return Units(tuple(parts), (2, 2, 2), (group_size,) * 3)
 
 
-def packed_units(x: mx.array, group_size: int, bits: int, per_channel: bool) -> Units:
-    """`(B, kv_heads, n * group_size, head_dim)` tokens quantized into n blocks of the module's layout."""
-    parts = mx.quantize(x.swapaxes(-1, -2) if per_channel else x, group_size=group_size, bits=bits)
-    return packed_blocks(parts, group_size, bits, per_channel)
+def packed_kv_units(
+    keys: mx.array, values: mx.array, group_size: int, bits: int, choice: str | None = None
+) -> tuple[Units, Units]:
+    """`(B, kv_heads, n * group_size, head_dim)` keys and values quantized into n blocks of the
+    module's layout, in one launch of the kernels' cache write where a GPU kernel runs (`choice`:
+    `mlxfam.kernels.backend`'s)."""
+    key_parts, value_parts = quantize_kv_blocks(keys, values, bits=bits, group_size=group_size, choice=choice)
+    return (
+        packed_blocks(key_parts, group_size, bits, per_channel=True),
+        packed_blocks(value_parts, group_size, bits, per_channel=False),
+    )
 
 
 def attention_mask(query_len: int, offset: int, window: int | None) -> mx.array | str | None:
@@ -270,11 +279,7 @@ class _Cache:
         self.key_tail, self.value_tail = keys[:, :, whole:], values[:, :, whole:]
         if whole == 0:
             return None, None, (keys, values)
-        return (
-            packed_units(keys[:, :, :whole], self.group_size, self.bits, per_channel=True),
-            packed_units(values[:, :, :whole], self.group_size, self.bits, per_channel=False),
-            (keys, values),
-        )
+        return (*packed_kv_units(keys[:, :, :whole], values[:, :, :whole], self.group_size, self.bits), (keys, values))
 
     def _start_quantizing(self, like: mx.array) -> None:
         """Switches to the quantized form: the tokens held so far (in position order) become the tail
@@ -283,9 +288,9 @@ class _Cache:
         if held_k is None:
             held_k = held_v = mx.zeros((*like.shape[:2], 0, like.shape[-1]), like.dtype)
         block = mx.zeros((*like.shape[:2], self.group_size, like.shape[-1]), like.dtype)
-        self.keys, self.values = (
-            packed_units(block, self.group_size, self.bits, per_channel).zeros(0) for per_channel in (True, False)
-        )
+        # Empty units of the packed shapes (the quantization itself is never evaluated).
+        empty = packed_kv_units(block, block, self.group_size, self.bits, choice="reference")
+        self.keys, self.values = (x.zeros(0) for x in empty)
         self.units = 0
         self.key_tail, self.value_tail = held_k, held_v
 

@@ -27,13 +27,14 @@ from mlxfam.kernels.rope import (
     MAX_THREADS,
     kernel_calls,
     kernel_unsupported,
+    quantize_kv_blocks,
     rope,
     rope_kv_block,
     rope_qk,
     rope_table,
 )
 
-from mlxfam.cache import KV_BITS, KV_GROUP_SIZES
+from mlxfam.cache import KV_BITS, KV_GROUP_SIZES, KVCache
 from mlxfam.errors import MlxfamError
 from mlxfam.models.rope import _llama3_inv_freq, _yarn, default_inv_freq
 
@@ -273,6 +274,23 @@ def test_rope_kv_block(choice, dtype, group_size, bits, pairing, two_d):
     assert_same_quantization(values, mx.quantize(v, group_size=group_size, bits=bits), bits, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", KV_GROUP_SIZES)
+@pytest.mark.parametrize("bits", KV_BITS)
+def test_quantize_kv_blocks(choice, dtype, group_size, bits):
+    """The cache's write of keys already rotated: the keys stored as given, through a view's strides
+    (a slice of a longer run, as the cache hands over its full blocks)."""
+    dtype = DTYPES[dtype]
+    length, head_dim = 2 * group_size, 128
+    k, k64, v, v64 = kv_block_inputs((2, 2, length + 5, head_dim), dtype, rotary_dims=64)
+    k, k64, v, v64 = k[:, :, :length], k64[:, :, :length], v[:, :, :length], v64[:, :, :length]
+    keys, values = quantize_kv_blocks(k, v, bits=bits, group_size=group_size, choice=choice)
+    assert_kv_block(keys, values, k64, v64, bits, group_size, dtype)
+    expected_keys = mx.quantize(k.swapaxes(-1, -2), group_size=group_size, bits=bits)
+    assert_same_quantization(keys, expected_keys, bits, dtype)
+    assert_same_quantization(values, mx.quantize(v, group_size=group_size, bits=bits), bits, dtype)
+
+
 # --- bad input ------------------------------------------------------------------------------------------
 
 
@@ -335,10 +353,12 @@ def test_bad_cache_block_is_refused(case):
         rope_kv_block(
             x, x, *_tables(length=shape[2]), rotary_dims=8, interleaved=False, bits=bits, group_size=group_size
         )
+    with pytest.raises(MlxfamError, match=re.escape(message)):
+        quantize_kv_blocks(x, x, bits=bits, group_size=group_size)
 
 
 @pytest.mark.skipif(backend("auto") is not None, reason="a kernel backend runs here")
-@pytest.mark.parametrize("launcher", ["rope", "rope_qk", "rope_kv_block"])
+@pytest.mark.parametrize("launcher", ["rope", "rope_qk", "rope_kv_block", "quantize_kv_blocks"])
 def test_kernel_choice_refuses_to_run_without_a_gpu(launcher):
     x = mx.zeros((2, 1, 32, 32))
     options = dict(rotary_dims=8, interleaved=False, choice="kernel")
@@ -346,6 +366,7 @@ def test_kernel_choice_refuses_to_run_without_a_gpu(launcher):
         "rope": lambda: rope(x, *_tables(length=32), **options),
         "rope_qk": lambda: rope_qk(x, x, *_tables(length=32), **options),
         "rope_kv_block": lambda: rope_kv_block(x, x, *_tables(length=32), bits=4, group_size=32, **options),
+        "quantize_kv_blocks": lambda: quantize_kv_blocks(x, x, bits=4, group_size=32, choice="kernel"),
     }
     with pytest.raises(MlxfamError, match="neither the Metal nor the CUDA kernels run"):
         calls[launcher]()
@@ -379,7 +400,8 @@ def test_cuda_sources_compile(tmp_path):
     """Every launch the Python side can request, wrapped in the signature mx.fast.cuda_kernel generates."""
     cuda = sections("rope", "cuda")
     calls = kernel_calls()
-    assert len(calls) == 2 * len(DTYPES) * (2 + len(KV_BITS) * len(KV_GROUP_SIZES))
+    # Per dtype: rope and rope_qk per pairing, rope_kv_block per packing, rotating by either pairing or not.
+    assert len(calls) == len(DTYPES) * (2 * 2 + 3 * len(KV_BITS) * len(KV_GROUP_SIZES))
     functions = [
         kernel_function(call.name, cuda[call.kernel], list(call.inputs), list(call.outputs), list(call.template))
         for call in calls
@@ -450,9 +472,23 @@ def emulated_kv_block(dtype, pairing: str, bits: int, group_size: int, two_d=Fal
     return launch, lambda packed: assert_kv_block(*packed, rotated, v64, bits, group_size, dtype)
 
 
+def emulated_quantize_blocks(dtype, bits: int, group_size: int):
+    """quantize_kv_blocks (rope_kv_block with ROTATE false) of two blocks of (2, 1, 2 * group_size, 64)
+    keys and values read through a view, the keys stored as given."""
+    length = 2 * group_size
+    k, k64, v, v64 = kv_block_inputs((2, 1, length + 3, 64), dtype, rotary_dims=32)
+    k, k64, v, v64 = k[:, :, 3:], k64[:, :, 3:], v[:, :, 3:], v64[:, :, 3:]
+
+    def launch():
+        return quantize_kv_blocks(k, v, bits=bits, group_size=group_size, choice="kernel")
+
+    return launch, lambda packed: assert_kv_block(*packed, k64, v64, bits, group_size, dtype)
+
+
 # Together: both pairings, full and partial rotary (80 dims: a grid that ends mid-threadgroup), 2D,
 # fp32 and fp16 (the emulation has no bfloat16), two batch rows at different offsets and a table
-# shared by the batch, rope_qk with GQA and MQA, and every bits x group size of the cache write.
+# shared by the batch, rope_qk with GQA and MQA, and every bits x group size of the cache write,
+# rotating or not (keys already rotated: the write mlxfam's caches make).
 EMULATED_CASES = {
     "rope-f32-half-split-d64": lambda: emulated_rope(mx.float32, "half-split", 64, 64),
     "rope-f16-interleaved-partial-d80": lambda: emulated_rope(mx.float16, "interleaved", 80, 40),
@@ -469,6 +505,8 @@ EMULATED_CASES = {
     "rope_kv_block-4bit-g64-f16-half-split-2d": lambda: emulated_kv_block(
         mx.float16, "half-split", 4, 64, two_d=True
     ),
+    "rope_kv_block-unrotated-4bit-g64-f16": lambda: emulated_quantize_blocks(mx.float16, 4, 64),
+    "rope_kv_block-unrotated-8bit-g32-f32": lambda: emulated_quantize_blocks(mx.float32, 8, 32),
 }
 
 
@@ -514,6 +552,14 @@ def test_cuda_kernel_emulated_on_the_cpu(emulation, case):
     cache write follows MLX's GPU quantize rule, so it is held to a step of the rotation (not to the
     CPU's mx.quantize)."""
     launches = []
+    launch, check = EMULATED_CASES[case]()
+    with cuda_kernels(emulated_launch(emulation, launches)):
+        check(launch())
+    assert launches == [case.split("-")[0]]  # one launch, of the kernel the case is named after
+
+
+def emulated_launch(emulation, launches: list):
+    """A `cuda_kernels` launch that runs the kernel on the emulation and records its name in `launches`."""
 
     def run(body, input_names, output_names, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
         outputs = [np.zeros(shape, NUMPY_TYPES[dtype]) for shape, dtype in zip(output_shapes, output_dtypes)]
@@ -521,7 +567,20 @@ def test_cuda_kernel_emulated_on_the_cpu(emulation, case):
         launches.append(body)
         return [mx.array(out) for out in outputs]
 
-    launch, check = EMULATED_CASES[case]()
-    with cuda_kernels(run):
-        check(launch())
-    assert launches == [case.split("-")[0]]  # one launch, of the kernel the case is named after
+    return run
+
+
+def test_quantizing_cache_writes_through_the_kernel(emulation):
+    """On a CUDA GPU a quantizing cache packs each full block with the cache-write kernel (here under
+    the emulation): a prefill of a block and a half, then decode steps up to the second block's end,
+    launch it once per packing step, and what the cache holds decodes to the keys and values."""
+    k, k64, v, v64 = kv_block_inputs((1, 2, 128, 64), mx.float16, rotary_dims=32)
+    cache, launches = KVCache(bits=4, group_size=64), []
+    with cuda_kernels(emulated_launch(emulation, launches)):
+        cache.update_and_fetch(k[:, :, :96], v[:, :, :96])
+        for t in range(96, 128):
+            cache.update_and_fetch(k[:, :, t : t + 1], v[:, :, t : t + 1])
+    assert launches == ["rope_kv_block"] * 2
+    keys, values = cache.held
+    assert keys.tail.shape[2] == values.tail.shape[2] == 0
+    assert_kv_block(keys.arrays[:3], values.arrays[:3], k64, v64, 4, 64, mx.float16)
