@@ -46,8 +46,9 @@ __device__ __forceinline__ float tanh_f32(float x) {
 }
 
 //@ attention_partial
-  // One block per (batch row, kv head) and split of the keys: it serves every query row of the
-  // kv head's group, so each key and value is read once per group. Each warp runs an online
+  // One block per (batch row, kv head), split of the keys and block of ROWS query rows: with one
+  // row block (decode, short chunks) it serves every query row of the kv head's group, so each key
+  // and value is read once per group. Each warp runs an online
   // softmax over its own steps of STEP keys; the warps are merged at the end, and the block
   // writes its normalised output (one split) or its (max, sum, unnormalised output) partials.
   constexpr int WARPS = 4;
@@ -75,6 +76,7 @@ __device__ __forceinline__ float tanh_f32(float x) {
   const int warp = threadIdx.x / 32;
   const int blockrow = blockIdx.x;
   const int split = blockIdx.y;
+  const int row_block = blockIdx.z;
   // platform-specific: end
 
   const int n_packed = counts[0];
@@ -92,21 +94,25 @@ __device__ __forceinline__ float tanh_f32(float x) {
   const float softcap = factors[1];
   const uint32_t low_bits = (1u << bits) - 1u;
   const int n_keys = n_packed + n_tail;
+  // The group's rows (query head r / n_queries of the group, query r % n_queries), ROWS per block:
+  // this block serves rows first_row .. first_row + block_rows - 1.
   const int n_rows = groups * n_queries;
+  const int first_row = row_block * ROWS;
+  const int block_rows = min(ROWS, n_rows - first_row);
   const int batch = blockrow / kv_heads;
   const int kv_head = blockrow % kv_heads;
   const int begin = split * split_len;
   const int end = min(begin + split_len, n_keys);
 
-  // shared_rows holds the scaled queries (row r: head r / n_queries of the group, query
-  // r % n_queries; padding rows are zero), and after the key loop the block's merged outputs.
+  // shared_rows holds the scaled queries (block row r is row first_row + r; padding rows are
+  // zero), and after the key loop the block's merged outputs.
   for (int index = tid; index < ROWS * D; index += WARPS * 32) {
     const int r = index / D;
     const int d = index % D;
     float value = 0.0f;
-    if (r < n_rows) {
-      const int head = kv_head * groups + r / n_queries;
-      const int query = r % n_queries;
+    if (r < block_rows) {
+      const int head = kv_head * groups + (first_row + r) / n_queries;
+      const int query = (first_row + r) % n_queries;
       value = scale * static_cast<float>(q[batch * q_strides[0] + head * q_strides[1] + query * q_strides[2] + d * q_strides[3]]);
     }
     shared_rows[index] = value;
@@ -235,7 +241,7 @@ __device__ __forceinline__ float tanh_f32(float x) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       // Padding rows reuse the last real row's indices (their results are never written).
-      const int real_row = min(r, n_rows - 1);
+      const int real_row = first_row + min(r, block_rows - 1);
       const int head = kv_head * groups + real_row / n_queries;
       const int query = real_row % n_queries;
       float step_max = NEG_INF;
@@ -355,7 +361,7 @@ __device__ __forceinline__ float tanh_f32(float x) {
     block_barrier();
   }
 
-  for (int index = tid; index < n_rows * D; index += WARPS * 32) {
+  for (int index = tid; index < block_rows * D; index += WARPS * 32) {
     const int r = index / D;
     float block_max = NEG_INF;
     for (int w = 0; w < WARPS; ++w) {
@@ -367,9 +373,9 @@ __device__ __forceinline__ float tanh_f32(float x) {
       total += stat_sum[w * ROWS + r] * exp_f32(stat_max[w * ROWS + r] - shift);
     }
     if (n_splits == 1) {
-      out[blockrow * n_rows * D + index] = static_cast<T>(shared_rows[index] / total);
+      out[(blockrow * n_rows + first_row) * D + index] = static_cast<T>(shared_rows[index] / total);
     } else {
-      const int partial = (blockrow * n_splits + split) * n_rows + r;
+      const int partial = (blockrow * n_splits + split) * n_rows + first_row + r;
       part_out[partial * D + index % D] = shared_rows[index];
       if (index % D == 0) {
         part_stats[partial * 2] = block_max;

@@ -22,9 +22,11 @@ the kv head's group and all L queries, so each key and value is read once per gr
 read packed as stored (lanes over key slots for q.k, lanes over head_dim for p.v), through the
 arrays' strides, so a cache's preallocated buffers are never copied. Long contexts are split over
 the keys (about one split per `SPLIT_KEYS` keys, at most `MAX_SPLITS`) and a second kernel merges
-the splits' partial softmax statistics. A block holds its query rows' state in registers, so the
-rows (query heads per kv head x queries) are bounded by `max_rows(head_dim)`: 16 for head_dim 64,
-8 for the others; `kernel_unsupported` sends larger calls, and other head dims, to the reference.
+the splits' partial softmax statistics. A block holds its query rows' state in registers, so it
+serves at most `max_rows(head_dim)` rows (query heads per kv head x queries): 16 for head_dim 64,
+8 for the others. More rows go to up to `MAX_ROW_BLOCKS` blocks of rows, each reading the keys and
+values again (decode of a model with up to 32 query heads per kv head, or a few queries at once);
+`kernel_unsupported` sends larger calls, and other head dims, to the reference.
 """
 
 from __future__ import annotations
@@ -44,10 +46,14 @@ HEAD_DIMS = (64, 80, 96, 128, 256)
 # per block, each scoring STEP keys at a time, SPW per lane (a quarter of a 4-bit word, a whole
 # 8-bit one). Split lengths are multiples of STEP, so packed steps start on a word.
 WARPS = 4
+THREADS = 32 * WARPS  # per block
 STEP = 64
 KEYS_PER_LANE = 4
 SPLIT_KEYS = 512
 MAX_SPLITS = 128
+# Blocks of rows per (batch row, kv head, split): each reads the keys and values again, so past a
+# few the reference's matmuls (one read for all rows) are the better way.
+MAX_ROW_BLOCKS = 4
 # fp32 accumulators a lane may hold per block: per query row, the scores of its KEYS_PER_LANE keys
 # plus its head_dim elements of the output (2 for D=64, 4 up to 128, 8 for 256). Within this the
 # lane's state stays in registers (on CUDA: under 255 per thread, no spills).
@@ -118,11 +124,12 @@ def _unsupported(shape: _Shape, q, k, v) -> str | None:
         for array in (x.scales, x.tail) if isinstance(x, QuantizedKV) else (x,):
             if array.dtype != q.dtype:
                 return f"the {name} are {array.dtype} but the queries {q.dtype}"
-    limit = max_rows(shape.dim)
+    limit = MAX_ROW_BLOCKS * max_rows(shape.dim)
     if shape.groups * shape.length > limit:
         return (
             f"{shape.groups} query heads per kv head x {shape.length} queries = "
-            f"{shape.groups * shape.length} rows per block, above the kernel's {limit} for head_dim {shape.dim}"
+            f"{shape.groups * shape.length} rows, above the kernel's {limit} for head_dim {shape.dim} "
+            f"({MAX_ROW_BLOCKS} blocks of {max_rows(shape.dim)})"
         )
     return None
 
@@ -341,13 +348,20 @@ def _grouped(mask: mx.array, shape: _Shape) -> mx.array:
 
 
 class _Call(NamedTuple):
-    """One call of the partial kernel: its inputs (in `_PARTIAL_INPUTS` order), its template and
-    the split of the keys."""
+    """One call of the partial kernel: its inputs (in `_PARTIAL_INPUTS` order), its template, the
+    split of the keys and the blocks of rows."""
 
     shape: _Shape
     inputs: list[mx.array]
     template: list[tuple[str, object]]
     n_splits: int
+    row_blocks: int
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """The partial kernel's grid, in threads: a block of THREADS per (batch row, kv head), by
+        split, by block of rows."""
+        return (THREADS * self.shape.batch * self.shape.kv_heads, self.n_splits, self.row_blocks)
 
 
 def _partial_call(shape: _Shape, q, k, v, scale: float, softcap: float | None, masks: Masks) -> _Call:
@@ -397,10 +411,10 @@ def _partial_call(shape: _Shape, q, k, v, scale: float, softcap: float | None, m
         mx.array([scale, softcap or 0.0], dtype=mx.float32),
     ]  # fmt: skip
     rows = 1
-    while rows < shape.groups * shape.length:
+    while rows < min(shape.groups * shape.length, max_rows(shape.dim)):
         rows *= 2
     template = [("T", q.dtype), ("D", shape.dim), ("ROWS", rows)]
-    return _Call(shape, inputs, template, n_splits)
+    return _Call(shape, inputs, template, n_splits, -(-shape.groups * shape.length // rows))
 
 
 def _reduce_template(dtype: mx.Dtype, dim: int) -> list[tuple[str, object]]:
@@ -413,7 +427,6 @@ def _launch(kind: str, call: _Call) -> mx.array:
     shape, dtype = call.shape, call.inputs[0].dtype
     out_shape = (shape.batch, shape.heads, shape.length, shape.dim)
     blocks, rows = shape.batch * shape.kv_heads, shape.groups * shape.length
-    threads = 32 * WARPS
     split = call.n_splits > 1
     # Unsplit, the partial kernel writes the output itself; split, it writes the partials. The
     # outputs it does not write are given a 1-element shape.
@@ -423,8 +436,8 @@ def _launch(kind: str, call: _Call) -> mx.array:
     out, part_out, part_stats = partial(
         inputs=call.inputs,
         template=call.template,
-        grid=(threads * blocks, call.n_splits, 1),
-        threadgroup=(threads, 1, 1),
+        grid=call.grid,
+        threadgroup=(THREADS, 1, 1),
         output_shapes=[(1,) if split else out_shape, *partial_shapes],
         output_dtypes=[dtype, mx.float32, mx.float32],
     )

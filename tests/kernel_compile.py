@@ -262,7 +262,7 @@ HOST_TYPES = {mx.float32: "float", mx.float16: "_Float16", mx.int32: "int32_t", 
 def emulated_function(name: str, body: str, inputs: list[Arg], outputs: list[Arg], template: list[Arg]) -> str:
     """The kernel as `kernel_function` writes it (host types), and `run_<name><template hash>`, a C
     entry point that runs it over a grid of blocks: (inputs, their shapes and strides as
-    MAX_NDIM-wide rows, outputs, blocks in x and y, threads per block) -> 0, or 1 when a block's
+    MAX_NDIM-wide rows, outputs, blocks in x, y and z, threads per block) -> 0, or 1 when a block's
     threads deadlock."""
     function = f"{name}{_template_hash(template)}"
     params, args = [], []
@@ -284,7 +284,7 @@ void {function}({", ".join(params)}) {{
 }}  // namespace mlx::core::cu
 
 extern "C" int run_{function}(void** inputs, const int32_t* shapes, const int64_t* strides, void** outputs,
-                              int blocks_x, int blocks_y, int threads) {{
+                              int blocks_x, int blocks_y, int blocks_z, int threads) {{
   using namespace mlx::core::cu;
   auto shape_row = [&](int i) {{
     Shape row{{}};
@@ -297,11 +297,12 @@ extern "C" int run_{function}(void** inputs, const int32_t* shapes, const int64_
     return row;
   }};
   emulation::kernel = [&] {{ {function}({", ".join(args)}); }};
-  for (int y = 0; y < blocks_y; ++y) {{
-    for (int x = 0; x < blocks_x; ++x) {{
-      blockIdx.x = x;
-      blockIdx.y = y;
-      if (!emulation::run_block(threads)) return 1;
+  for (int z = 0; z < blocks_z; ++z) {{
+    for (int y = 0; y < blocks_y; ++y) {{
+      for (int x = 0; x < blocks_x; ++x) {{
+        blockIdx = {{x, y, z}};
+        if (!emulation::run_block(threads)) return 1;
+      }}
     }}
   }}
   return 0;
@@ -340,5 +341,5 @@ class Emulation:
         threads = min(threadgroup[0], grid[0])
         entry = getattr(self.library, f"run_{name}{_template_hash(template)}")
         tables = [ctypes.c_void_p(table.ctypes.data) for table in (shapes, strides)]
-        status = entry(pointers[0], *tables, pointers[1], -(-grid[0] // threads), grid[1], threads)
+        status = entry(pointers[0], *tables, pointers[1], -(-grid[0] // threads), grid[1], grid[2], threads)
         assert status == 0, f"{name}: the threads of a block wait at a barrier (or shuffle) the others never reach"

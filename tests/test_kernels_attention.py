@@ -33,6 +33,7 @@ from mlxfam.kernels.attention import (
     HEAD_DIMS,
     attention,
     kernel_unsupported,
+    MAX_ROW_BLOCKS,
     max_rows,
 )
 
@@ -195,11 +196,13 @@ def test_head_dims_dtypes_and_caches(implementation, dim, dtype, cache):
 @pytest.mark.parametrize("length", [1, 5])
 @pytest.mark.parametrize("cache", [PLAIN, (4, 32), (8, 64)], ids=cache_id)
 @pytest.mark.parametrize(
-    "heads,kv_heads", [(4, 4), (4, 2), (8, 2), (16, 2), (8, 1)], ids=["mha", "gqa2", "gqa4", "gqa8", "mqa"]
+    "heads,kv_heads",
+    [(4, 4), (4, 2), (8, 2), (16, 2), (8, 1), (32, 1)],
+    ids=["mha", "gqa2", "gqa4", "gqa8", "mqa", "mqa32"],
 )
 def test_gqa_ratios_and_chunks(implementation, heads, kv_heads, cache, length):
-    if implementation == "kernel" and heads // kv_heads * length > max_rows(64):
-        pytest.skip("more rows per block than the kernel serves (kernel_unsupported says so)")
+    if implementation == "kernel" and heads // kv_heads * length > MAX_ROW_BLOCKS * max_rows(64):
+        pytest.skip("more rows than the kernel's blocks of rows serve (kernel_unsupported says so)")
     q = make_queries(2, heads, length, 64, mx.float32)
     k, v = make_kv(cache, 2, kv_heads, n_keys_for(cache), 64, mx.float32)
     check(implementation, q, k, v, scale=0.125, mask="causal")
@@ -306,7 +309,8 @@ def test_long_context(implementation, cache, length):
 
 # Cases for the CUDA kernel under tests/kernel_compile.py's CPU emulation, together covering lanes
 # that idle (D=80, 96), every head-dim class of the lane layout, plain/4-bit/8-bit caches, tails
-# alone, all masks, GQA/MQA, query chunks and the split into several blocks merged by the reduce.
+# alone, all masks, GQA/MQA, query chunks, the split into several blocks merged by the reduce, and
+# rows in several blocks (a decode of 16 query heads per kv head; chunks with every mask, and split).
 EMULATED_CASES = {
     "plain-f32-d80-gqa4": lambda: (
         make_queries(1, 8, 1, 80, mx.float32), *make_kv(PLAIN, 1, 2, n_keys_for(PLAIN), 80, mx.float32), dict(scale=80**-0.5),
@@ -327,6 +331,15 @@ EMULATED_CASES = {
     "4bit-g64-f16-d64-splits": lambda: (
         make_queries(1, 8, 2, 64, mx.float16), *make_kv((4, 64), 1, 2, 17 * 64 + 7, 64, mx.float16, tail=7),
         dict(scale=0.125, mask="causal"),
+    ),
+    "plain-f16-d128-gqa16-row-blocks": lambda: (
+        make_queries(1, 32, 1, 128, mx.float16), *make_kv(PLAIN, 1, 2, n_keys_for(PLAIN), 128, mx.float16),
+        dict(scale=128**-0.5),
+    ),
+    "8bit-g64-f16-d128-every-mask-row-blocks": lambda: every_mask_case((8, 64), 128, mx.float16, length=5),
+    "4bit-g32-f32-d128-row-blocks-splits": lambda: (
+        make_queries(1, 8, 3, 128, mx.float32), *make_kv((4, 32), 1, 2, 40 * 32 + 5, 128, mx.float32, tail=5),
+        dict(scale=128**-0.5, mask="causal"),
     ),
 }  # fmt: skip
 
@@ -373,7 +386,7 @@ def emulated_launch(emulation, q, k, v, **keywords) -> mx.array:
     """What `_launch` does, on the emulated CUDA kernels."""
     call = kernel_call(q, k, v, keywords)
     shape, to_numpy = call.shape, {mx.float32: np.float32, mx.float16: np.float16}[q.dtype]
-    blocks, rows, threads = shape.batch * shape.kv_heads, shape.groups * shape.length, 32 * kernels_attention.WARPS
+    blocks, rows, threads = shape.batch * shape.kv_heads, shape.groups * shape.length, kernels_attention.THREADS
     # The cache operands as views into longer buffers, the queries as the projection's transposed view.
     inputs = [strided_view(np.array(x)) for x in call.inputs]
     inputs[0] = np.array(call.inputs[0].swapaxes(1, 2)).swapaxes(1, 2)
@@ -382,8 +395,7 @@ def emulated_launch(emulation, q, k, v, **keywords) -> mx.array:
     part_out = np.zeros((blocks, call.n_splits, rows, shape.dim) if split else (1,), np.float32)
     part_stats = np.zeros((blocks, call.n_splits, rows, 2) if split else (1,), np.float32)
     partial_outputs = [np.zeros(1, to_numpy) if split else out, part_out, part_stats]
-    grid = (threads * blocks, call.n_splits, 1)
-    emulation.run("attention_partial", call.template, inputs, partial_outputs, grid, (threads, 1, 1))
+    emulation.run("attention_partial", call.template, inputs, partial_outputs, call.grid, (threads, 1, 1))
     if split:
         reduce_template = kernels_attention._reduce_template(q.dtype, shape.dim)
         grid = (shape.dim * blocks * rows, 1, 1)
@@ -471,8 +483,10 @@ def test_a_bad_choice_is_an_error(monkeypatch):
 def test_kernel_unsupported_names_the_reason():
     assert kernel_unsupported(*small_call()) is None
     assert "head_dim 72" in kernel_unsupported(*small_call(dim=72))
-    reason = kernel_unsupported(*small_call(dim=128, heads=32, kv_heads=2))
-    assert "16 query heads per kv head x 1 queries = 16 rows" in reason and f"kernel's {max_rows(128)}" in reason
+    assert kernel_unsupported(*small_call(dim=128, heads=32, kv_heads=1)) is None  # 4 blocks of 8 rows
+    assert kernel_unsupported(*small_call(dim=128, heads=64, kv_heads=2)) is None  # the most: 32 rows
+    reason = kernel_unsupported(*small_call(dim=128, heads=66, kv_heads=2))
+    assert "33 query heads per kv head x 1 queries = 33 rows, above the kernel's 32 for head_dim 128" in reason
     q, k, v = small_call()
     assert "the keys are mlx.core.float32 but the queries mlx.core.float16" in kernel_unsupported(
         q.astype(mx.float16), k, v
