@@ -59,6 +59,13 @@ def backend(choice: str | None = None) -> str | None:
 
 
 @cache
+def placeholder(dtype: mx.Dtype) -> mx.array:
+    """A 1-element stand-in for a kernel input a call does not have (4-d, like the cache arrays):
+    a kernel's inputs are fixed by name, and a kernel told so never reads it."""
+    return mx.zeros((1, 1, 1, 1), dtype=dtype)
+
+
+@cache
 def source(name: str) -> str:
     """The text of kernel source file `name` (e.g. "attention.cu"), shipped inside the package."""
     return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")

@@ -38,7 +38,7 @@ import mlx.core as mx
 
 from ..cache import QuantizedKV
 from ..errors import MlxfamError
-from . import FLOAT_DTYPES, KV_BITS, KV_GROUP_SIZES, backend, sections
+from . import FLOAT_DTYPES, KV_BITS, KV_GROUP_SIZES, backend, placeholder, sections
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 
@@ -374,9 +374,9 @@ def _partial_call(shape: _Shape, q, k, v, scale: float, softcap: float | None, m
         kv = [k.data, k.scales, k.biases, k.tail, v.data, v.scales, v.biases, v.tail]
     else:
         n_packed, bits, group_size = 0, 0, 1
-        packed = [_placeholder(mx.uint32), _placeholder(q.dtype), _placeholder(q.dtype)]
+        packed = [placeholder(mx.uint32), placeholder(q.dtype), placeholder(q.dtype)]
         kv = [*packed, k, *packed, v]
-    kv = [x if x.size else _placeholder(x.dtype) for x in kv]
+    kv = [x if x.size else placeholder(x.dtype) for x in kv]
     flags = 0
     if isinstance(mask, str):
         flags |= _CAUSAL
@@ -403,10 +403,10 @@ def _partial_call(shape: _Shape, q, k, v, scale: float, softcap: float | None, m
     ]  # fmt: skip
     inputs = [
         q, *kv,
-        _placeholder(mx.float32) if mask is None else mask,
-        _placeholder(mx.int32) if key_positions is None else key_positions,
-        _placeholder(mx.int32) if query_positions is None else query_positions,
-        _placeholder(mx.float32) if alibi_slopes is None else alibi_slopes,
+        placeholder(mx.float32) if mask is None else mask,
+        placeholder(mx.int32) if key_positions is None else key_positions,
+        placeholder(mx.int32) if query_positions is None else query_positions,
+        placeholder(mx.float32) if alibi_slopes is None else alibi_slopes,
         mx.array(counts, dtype=mx.int32),
         mx.array([scale, softcap or 0.0], dtype=mx.float32),
     ]  # fmt: skip
@@ -451,12 +451,6 @@ def _launch(kind: str, call: _Call) -> mx.array:
         output_shapes=[out_shape],
         output_dtypes=[dtype],
     )[0]
-
-
-@cache
-def _placeholder(dtype: mx.Dtype) -> mx.array:
-    """A 1-element stand-in for an input a call does not have (4-d, like the cache arrays)."""
-    return mx.zeros((1, 1, 1, 1), dtype=dtype)
 
 
 @cache

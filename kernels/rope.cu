@@ -40,36 +40,54 @@ rotary_slot(int d, int head_dim, int rotary_dims, int streams, bool interleaved)
   return slot;
 }
 
-// Dim d of one head row, rotated in fp32: x_d cos + sign x_partner sin (pair (a, b): a cos - b sin,
-// b cos + a sin). `table` indexes stream 0 of the (streams, batch, L, R/2) tables at (b, l).
-template <typename Row, typename Table>
+// Offset of row (b, l) of stream 0 in a (streams, batch or 1, L, R/2) table; a batch of 1 broadcasts.
+template <typename TableShape>
+__device__ inline int64_t table_row(TableShape table_shape, int b, int l) {
+  const int table_batch = table_shape[1] == 1 ? 0 : b;
+  return (int64_t(table_batch) * table_shape[2] + l) * table_shape[3];
+}
+
+// Element (b, h, l, d) of a row-major (batch, heads, L, D) tensor at flat `index`.
+struct RopeElement {
+  int b;
+  int h;
+  int l;
+  int d;
+};
+
+__device__ inline RopeElement element_at(uint32_t index, int heads, int length, int head_dim) {
+  RopeElement e;
+  e.d = index % head_dim;
+  e.l = (index / head_dim) % length;
+  e.h = (index / head_dim / length) % heads;
+  e.b = index / head_dim / length / heads;
+  return e;
+}
+
+// Dim d of one head row of batch row b and token l, rotated in fp32: x_d cos + sign x_partner sin
+// (pair (a, b): a cos - b sin, b cos + a sin), by the (streams, batch or 1, L, R/2) tables.
+template <typename Row, typename Table, typename TableShape>
 __device__ inline float rotated(
     Row row,
     int64_t dim_stride,
     int d,
     int head_dim,
     int rotary_dims,
-    int streams,
     bool interleaved,
     Table cos_table,
     Table sin_table,
-    int64_t table,
-    int64_t stream_stride) {
-  const RotarySlot slot = rotary_slot(d, head_dim, rotary_dims, streams, interleaved);
+    TableShape table_shape,
+    int b,
+    int l) {
+  const RotarySlot slot = rotary_slot(d, head_dim, rotary_dims, table_shape[0], interleaved);
   const float value = static_cast<float>(row[d * dim_stride]);
   if (slot.freq < 0) {
     return value;
   }
-  const int64_t at = table + slot.stream * stream_stride + slot.freq;
+  const int64_t stream_stride = int64_t(table_shape[1]) * table_shape[2] * table_shape[3];
+  const int64_t at = table_row(table_shape, b, l) + slot.stream * stream_stride + slot.freq;
   const float partner = static_cast<float>(row[slot.partner * dim_stride]);
   return value * cos_table[at] + slot.sign * partner * sin_table[at];
-}
-
-// Offset of row (b, l) of stream 0 in a (streams, batch or 1, L, R/2) table; a batch of 1 broadcasts.
-template <typename TableShape>
-__device__ inline int64_t table_row(TableShape table_shape, int b, int l) {
-  const int table_batch = table_shape[1] == 1 ? 0 : b;
-  return (int64_t(table_batch) * table_shape[2] + l) * table_shape[3];
 }
 
 // A group of 32 * V values, V per lane of one simdgroup (warp), quantized as MLX's GPU
@@ -130,15 +148,10 @@ const int head_dim = x_shape[3];
 if (index >= uint32_t(x_shape[0]) * heads * length * head_dim) {
   return;
 }
-const int d = index % head_dim;
-const int l = (index / head_dim) % length;
-const int h = (index / head_dim / length) % heads;
-const int b = index / head_dim / length / heads;
-const int64_t table = table_row(cos_table_shape, b, l);
-const int64_t stream_stride = int64_t(cos_table_shape[1]) * cos_table_shape[2] * cos_table_shape[3];
+const RopeElement e = element_at(index, heads, length, head_dim);
 out[index] = static_cast<T>(rotated(
-    x + b * x_strides[0] + h * x_strides[1] + l * x_strides[2], x_strides[3], d, head_dim,
-    2 * cos_table_shape[3], cos_table_shape[0], INTERLEAVED, cos_table, sin_table, table, stream_stride));
+    x + e.b * x_strides[0] + e.h * x_strides[1] + e.l * x_strides[2], x_strides[3], e.d, head_dim,
+    2 * cos_table_shape[3], INTERLEAVED, cos_table, sin_table, cos_table_shape, e.b, e.l));
 
 //@ rope_qk
 // One thread per element of q (B, Hq, L, D) and k (B, Hk, L, D), heads of q first.
@@ -150,23 +163,17 @@ const int head_dim = q_shape[3];
 if (index >= uint32_t(q_shape[0]) * heads * length * head_dim) {
   return;
 }
-const int d = index % head_dim;
-const int l = (index / head_dim) % length;
-const int h = (index / head_dim / length) % heads;
-const int b = index / head_dim / length / heads;
-const int64_t table = table_row(cos_table_shape, b, l);
-const int64_t stream_stride = int64_t(cos_table_shape[1]) * cos_table_shape[2] * cos_table_shape[3];
+const RopeElement e = element_at(index, heads, length, head_dim);
 const int rotary_dims = 2 * cos_table_shape[3];
-const int streams = cos_table_shape[0];
-if (h < q_heads) {
-  q_out[((int64_t(b) * q_heads + h) * length + l) * head_dim + d] = static_cast<T>(rotated(
-      q + b * q_strides[0] + h * q_strides[1] + l * q_strides[2], q_strides[3], d, head_dim,
-      rotary_dims, streams, INTERLEAVED, cos_table, sin_table, table, stream_stride));
+if (e.h < q_heads) {
+  q_out[((int64_t(e.b) * q_heads + e.h) * length + e.l) * head_dim + e.d] = static_cast<T>(rotated(
+      q + e.b * q_strides[0] + e.h * q_strides[1] + e.l * q_strides[2], q_strides[3], e.d, head_dim,
+      rotary_dims, INTERLEAVED, cos_table, sin_table, cos_table_shape, e.b, e.l));
 } else {
-  const int kh = h - q_heads;
-  k_out[((int64_t(b) * (heads - q_heads) + kh) * length + l) * head_dim + d] = static_cast<T>(rotated(
-      k + b * k_strides[0] + kh * k_strides[1] + l * k_strides[2], k_strides[3], d, head_dim,
-      rotary_dims, streams, INTERLEAVED, cos_table, sin_table, table, stream_stride));
+  const int kh = e.h - q_heads;
+  k_out[((int64_t(e.b) * (heads - q_heads) + kh) * length + e.l) * head_dim + e.d] = static_cast<T>(rotated(
+      k + e.b * k_strides[0] + kh * k_strides[1] + e.l * k_strides[2], k_strides[3], e.d, head_dim,
+      rotary_dims, INTERLEAVED, cos_table, sin_table, cos_table_shape, e.b, e.l));
 }
 
 //@ rope_kv_block
@@ -184,7 +191,6 @@ const int blocks = length / GROUP_SIZE;
 if (group >= uint32_t(k_shape[0]) * heads * blocks * head_dim) {
   return;
 }
-const int64_t stream_stride = int64_t(cos_table_shape[1]) * cos_table_shape[2] * cos_table_shape[3];
 // Keys already rotated (ROTATE false) pass through whole: no dim rotates, no table is read.
 const int rotary_dims = ROTATE ? 2 * cos_table_shape[3] : 0;
 // Keys: channel fastest, so neighbouring simdgroups (warps) read neighbouring addresses.
@@ -197,8 +203,7 @@ for (int i = 0; i < V; i++) {
   // Rounded to T first: the cache quantizes the rotated keys as stored in its dtype.
   keys.at[i] = static_cast<float>(static_cast<T>(rotated(
       k + (kbh / heads) * k_strides[0] + (kbh % heads) * k_strides[1] + l * k_strides[2], k_strides[3], d, head_dim,
-      rotary_dims, cos_table_shape[0], INTERLEAVED, cos_table, sin_table,
-      table_row(cos_table_shape, kbh / heads, l), stream_stride)));
+      rotary_dims, INTERLEAVED, cos_table, sin_table, cos_table_shape, kbh / heads, l)));
 }
 const AffineGroup key_group = affine_quantize_lanes<BITS, V>(keys);
 const int64_t key_row = int64_t(kbh) * head_dim + d;

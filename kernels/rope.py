@@ -43,7 +43,7 @@ from functools import cache
 import mlx.core as mx
 
 from ..errors import MlxfamError
-from . import FLOAT_DTYPES, KV_BITS, KV_GROUP_SIZES, backend, sections
+from . import FLOAT_DTYPES, KV_BITS, KV_GROUP_SIZES, backend, placeholder, sections
 
 THREADGROUP = 256  # threads; a multiple of 32 so that each quantization group is one simdgroup/warp
 MAX_THREADS = 2**31 - 1  # MLX's grid sizes are ints
@@ -198,8 +198,6 @@ class KernelCall:
 
 
 _TABLE_INPUTS = (("cos_table", mx.float32), ("sin_table", mx.float32))
-# What quantize_kv_blocks passes as tables: with ROTATE false the kernel reads only their shape.
-_NO_TABLES_SHAPE = (1, 1, 1, 1)
 
 
 def _rope_call(dtype: mx.Dtype, interleaved: bool) -> KernelCall:
@@ -324,7 +322,7 @@ def _kv_block_launch(
     value_groups = (batch, heads, length, head_dim // group_size)
     rotate = tables is not None
     if not rotate:
-        tables = (mx.zeros(_NO_TABLES_SHAPE, mx.float32),) * 2
+        tables = (placeholder(mx.float32),) * 2  # with ROTATE false only their shape is read
     outputs = _launch(
         kind,
         _rope_kv_block_call(k.dtype, interleaved and rotate, rotate, bits, group_size),

@@ -257,6 +257,7 @@ inline void __syncthreads() {
 """.replace("MAX_NDIM", str(MAX_NDIM))
 
 HOST_TYPES = {mx.float32: "float", mx.float16: "_Float16", mx.int32: "int32_t", mx.uint32: "uint32_t", mx.bool_: "bool"}
+NUMPY_TYPES = {mx.float32: np.float32, mx.float16: np.float16, mx.uint32: np.uint32}
 
 
 def emulated_function(name: str, body: str, inputs: list[Arg], outputs: list[Arg], template: list[Arg]) -> str:
@@ -343,3 +344,12 @@ class Emulation:
         tables = [ctypes.c_void_p(table.ctypes.data) for table in (shapes, strides)]
         status = entry(pointers[0], *tables, pointers[1], -(-grid[0] // threads), grid[1], grid[2], threads)
         assert status == 0, f"{name}: the threads of a block wait at a barrier (or shuffle) the others never reach"
+
+    def call(
+        self, name: str, *, inputs: list[np.ndarray], template: list[Arg], grid, threadgroup, output_shapes, output_dtypes
+    ) -> list[mx.array]:
+        """`run` as an mx.fast kernel object is called: fresh outputs of the given shapes and dtypes,
+        returned as MLX arrays."""
+        outputs = [np.zeros(shape, NUMPY_TYPES[dtype]) for shape, dtype in zip(output_shapes, output_dtypes)]
+        self.run(name, template, inputs, outputs, grid, threadgroup)
+        return [mx.array(out) for out in outputs]

@@ -31,9 +31,9 @@ from mlxfam.kernels import FLOAT_DTYPES, backend, sections
 from mlxfam.kernels import attention as kernels_attention
 from mlxfam.kernels.attention import (
     HEAD_DIMS,
+    MAX_ROW_BLOCKS,
     attention,
     kernel_unsupported,
-    MAX_ROW_BLOCKS,
     max_rows,
 )
 
@@ -383,24 +383,24 @@ def strided_view(x: np.ndarray) -> np.ndarray:
 
 
 def emulated_launch(emulation, q, k, v, **keywords) -> mx.array:
-    """What `_launch` does, on the emulated CUDA kernels."""
+    """`_launch` itself (grids, threadgroups, output shapes, the reduce after a split), its partial
+    and reduce kernels run on the emulation; the partial kernel is given the cache operands as views
+    into longer buffers and the queries as the projection's transposed view."""
     call = kernel_call(q, k, v, keywords)
-    shape, to_numpy = call.shape, {mx.float32: np.float32, mx.float16: np.float16}[q.dtype]
-    blocks, rows, threads = shape.batch * shape.kv_heads, shape.groups * shape.length, kernels_attention.THREADS
-    # The cache operands as views into longer buffers, the queries as the projection's transposed view.
-    inputs = [strided_view(np.array(x)) for x in call.inputs]
-    inputs[0] = np.array(call.inputs[0].swapaxes(1, 2)).swapaxes(1, 2)
-    split = call.n_splits > 1
-    out = np.zeros(q.shape, to_numpy)
-    part_out = np.zeros((blocks, call.n_splits, rows, shape.dim) if split else (1,), np.float32)
-    part_stats = np.zeros((blocks, call.n_splits, rows, 2) if split else (1,), np.float32)
-    partial_outputs = [np.zeros(1, to_numpy) if split else out, part_out, part_stats]
-    emulation.run("attention_partial", call.template, inputs, partial_outputs, call.grid, (threads, 1, 1))
-    if split:
-        reduce_template = kernels_attention._reduce_template(q.dtype, shape.dim)
-        grid = (shape.dim * blocks * rows, 1, 1)
-        emulation.run("attention_reduce", reduce_template, [part_out, part_stats], [out], grid, (shape.dim, 1, 1))
-    return mx.array(out)
+
+    def kernel(name: str):
+        def run(*, inputs, **arguments):
+            arrays = [np.array(x) for x in inputs]
+            if name == "attention_partial":
+                arrays = [strided_view(x) for x in arrays]
+                arrays[0] = np.array(inputs[0].swapaxes(1, 2)).swapaxes(1, 2)
+            return emulation.call(name, inputs=arrays, **arguments)
+
+        return run
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels_attention, "_kernels", lambda kind: (kernel("attention_partial"), kernel("attention_reduce")))
+        return kernels_attention._launch("cuda", call)
 
 
 @pytest.mark.parametrize("case", EMULATED_CASES)

@@ -411,12 +411,6 @@ def test_cuda_sources_compile(tmp_path):
 
 # --- the CUDA kernels, run on the CPU ------------------------------------------------------------------
 
-# What the rope kernels use beyond tests/kernel_compile.py's emulation (float shuffles, threadIdx and
-# blockIdx): blockDim (the threads of the block being run), and __shfl_down_sync on uint32_t, with
-# which rope_kv_block packs its words (a lane past the warp's end keeps its own value, as in CUDA).
-NUMPY_TYPES = {mx.float32: np.float32, mx.float16: np.float16, mx.uint32: np.uint32}
-
-
 def emulated_rope(dtype, pairing: str, head_dim: int, rotary_dims: int, two_d=False, table_batch=2):
     """rope of a (2, 3, 5, head_dim) tensor: (launch, check of its output)."""
     interleaved = PAIRINGS[pairing]
@@ -561,11 +555,9 @@ def test_cuda_kernel_emulated_on_the_cpu(emulation, case):
 def emulated_launch(emulation, launches: list):
     """A `cuda_kernels` launch that runs the kernel on the emulation and records its name in `launches`."""
 
-    def run(body, input_names, output_names, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
-        outputs = [np.zeros(shape, NUMPY_TYPES[dtype]) for shape, dtype in zip(output_shapes, output_dtypes)]
-        emulation.run(body, template, [np.array(x) for x in inputs], outputs, grid, threadgroup)
+    def run(body, input_names, output_names, *, inputs, **arguments):
         launches.append(body)
-        return [mx.array(out) for out in outputs]
+        return emulation.call(body, inputs=[np.array(x) for x in inputs], **arguments)
 
     return run
 
