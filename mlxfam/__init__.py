@@ -1,8 +1,8 @@
 """mlxfam: every Llama-like LLM family on MLX, from its original checkpoint.
 
-    model, tokenizer = mlxfam.load("smollm2-135m")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-    print(mlxfam.generate(model, tokenizer, ids, max_tokens=64))
+model, tokenizer = mlxfam.load("smollm2-135m")
+ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+print(mlxfam.generate(model, tokenizer, ids, max_tokens=64))
 """
 
 from .convert import convert

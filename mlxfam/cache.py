@@ -117,25 +117,29 @@ class Units(NamedTuple):
     def _index(self, axis: int, index) -> tuple:
         return (slice(None),) * axis + (index,)
 
-    def first(self, n: int) -> "Units":
+    def first(self, n: int) -> Units:
         return self._map(lambda a, axis, w: a[self._index(axis, slice(0, n * w))])
 
-    def write(self, start: int, new: "Units") -> "Units":
+    def write(self, start: int, new: Units) -> Units:
         for a, b, axis, w in zip(self.parts, new.parts, self.axes, self.widths):
             a[self._index(axis, slice(start * w, (start + new.count) * w))] = b
         return self
 
-    def then(self, new: "Units") -> "Units":
-        return Units(tuple(mx.concatenate([a, b], axis) for a, b, axis in zip(self.parts, new.parts, self.axes)), self.axes, self.widths)
+    def then(self, new: Units) -> Units:
+        return Units(
+            tuple(mx.concatenate([a, b], axis) for a, b, axis in zip(self.parts, new.parts, self.axes)),
+            self.axes,
+            self.widths,
+        )
 
-    def take(self, units: np.ndarray) -> "Units":
+    def take(self, units: np.ndarray) -> Units:
         def pick(a, axis, w):
             slots = (units[:, None] * w + np.arange(w)).reshape(-1)
             return mx.take(a, mx.array(slots), axis=axis)
 
         return self._map(pick)
 
-    def zeros(self, n: int) -> "Units":
+    def zeros(self, n: int) -> Units:
         def empty(a, axis, w):
             shape = list(a.shape)
             shape[axis] = n * w
@@ -143,8 +147,10 @@ class Units(NamedTuple):
 
         return self._map(empty)
 
-    def _map(self, fn) -> "Units":
-        return Units(tuple(fn(a, axis, w) for a, axis, w in zip(self.parts, self.axes, self.widths)), self.axes, self.widths)
+    def _map(self, fn) -> Units:
+        return Units(
+            tuple(fn(a, axis, w) for a, axis, w in zip(self.parts, self.axes, self.widths)), self.axes, self.widths
+        )
 
 
 def plain_units(x: mx.array) -> Units:
@@ -366,7 +372,9 @@ class _Cache:
         if "keys" in arrays and "values" in arrays:
             self.keys, self.values = plain_units(arrays["keys"]), plain_units(arrays["values"])
         elif all(f"{name}.{part}" in arrays for name in ("keys", "values") for part in PACKED_PARTS):
-            key_parts, value_parts = ([arrays[f"{name}.{part}"] for part in PACKED_PARTS] for name in ("keys", "values"))
+            key_parts, value_parts = (
+                [arrays[f"{name}.{part}"] for part in PACKED_PARTS] for name in ("keys", "values")
+            )
             self.key_tail, self.value_tail = key_parts.pop(), value_parts.pop()
             self.keys = packed_blocks(key_parts, self.group_size, self.bits, per_channel=True)
             self.values = packed_blocks(value_parts, self.group_size, self.bits, per_channel=False)

@@ -244,10 +244,7 @@ def generate(model, tokenizer, prompt: str | list[int] | mx.array, verbose: bool
         print()
         print("=" * 10)
         print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
-        print(
-            f"Generation: {response.generation_tokens} tokens, "
-            f"{response.generation_tps:.3f} tokens-per-sec"
-        )
+        print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
         print(f"Peak memory: {response.peak_memory:.3f} GB")
     return "".join(pieces)
 
@@ -299,9 +296,7 @@ def _as_token_array(prompt_ids) -> mx.array:
     else:
         ids = mx.array(list(prompt_ids), dtype=mx.int32)
     if ids.ndim != 1 or ids.size == 0:
-        raise MlxfamError(
-            f"prompt must be a non-empty 1-D sequence of token ids, got shape {tuple(ids.shape)}"
-        )
+        raise MlxfamError(f"prompt must be a non-empty 1-D sequence of token ids, got shape {tuple(ids.shape)}")
     return ids
 
 

@@ -87,7 +87,9 @@ def hf_config_from_metadata(metadata: dict, tensors: dict, path: Path) -> dict:
     }
     rotary_dims = int(field("rope.dimension_count", config["head_dim"]))
     if rotary_dims != config["head_dim"]:
-        raise MlxfamError(f"{path}: partial rotary ({rotary_dims} of {config['head_dim']} dims) is not supported for llama")
+        raise MlxfamError(
+            f"{path}: partial rotary ({rotary_dims} of {config['head_dim']} dims) is not supported for llama"
+        )
     scaling = _scalar(metadata.get(f"{arch}.rope.scaling.type", "none"))
     if scaling in ("linear", "yarn"):
         config["rope_scaling"] = {"rope_type": scaling, "factor": float(field("rope.scaling.factor"))}

@@ -8,7 +8,7 @@ A sampler maps log-probabilities `(B, vocab)` to token ids `(B,)`. A logits proc
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -106,9 +106,7 @@ def make_repetition_penalty(penalty: float, context_size: int = 20) -> LogitsPro
     return penalize
 
 
-def make_logits_processors(
-    repetition_penalty: float = 1.0, repetition_context_size: int = 20
-) -> list[LogitsProcessor]:
+def make_logits_processors(repetition_penalty: float = 1.0, repetition_context_size: int = 20) -> list[LogitsProcessor]:
     # Built even when off so that both arguments are always validated.
     penalty = make_repetition_penalty(repetition_penalty, repetition_context_size)
     return [] if repetition_penalty == 1 else [penalty]

@@ -346,7 +346,15 @@ class Emulation:
         assert status == 0, f"{name}: the threads of a block wait at a barrier (or shuffle) the others never reach"
 
     def call(
-        self, name: str, *, inputs: list[np.ndarray], template: list[Arg], grid, threadgroup, output_shapes, output_dtypes
+        self,
+        name: str,
+        *,
+        inputs: list[np.ndarray],
+        template: list[Arg],
+        grid,
+        threadgroup,
+        output_shapes,
+        output_dtypes,
     ) -> list[mx.array]:
         """`run` as an mx.fast kernel object is called: fresh outputs of the given shapes and dtypes,
         returned as MLX arrays."""

@@ -2,7 +2,6 @@
 fixtures really exercise each quirk (a model without it misses the reference), the config spellings
 real checkpoints use load the same model, and unsupported values are refused by name."""
 
-
 import mlx.core as mx
 import numpy as np
 import pytest

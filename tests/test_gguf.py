@@ -105,7 +105,9 @@ def test_quantized_gguf_stays_quantized_and_matches_reference_decoding(tmp_path,
 
 
 def test_gguf_of_unsupported_architecture_is_refused(tmp_path):
-    gw.write(tmp_path / "x.gguf", {"general.architecture": "mamba"}, {"token_embd.weight": (b"\0" * 128, (1, 32), gw.F32)})
+    gw.write(
+        tmp_path / "x.gguf", {"general.architecture": "mamba"}, {"token_embd.weight": (b"\0" * 128, (1, 32), gw.F32)}
+    )
     with pytest.raises(MlxfamError, match="architecture 'mamba' is not supported"):
         mlxfam.load(tmp_path / "x.gguf")
 

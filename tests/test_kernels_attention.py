@@ -343,6 +343,7 @@ EMULATED_CASES = {
     ),
 }  # fmt: skip
 
+
 def kernel_call(q, k, v, keywords):
     masks = kernels_attention.Masks(**{name: keywords.get(name) for name in kernels_attention.Masks._fields})
     shape = kernels_attention._check(q, k, v, masks)
@@ -399,7 +400,9 @@ def emulated_launch(emulation, q, k, v, **keywords) -> mx.array:
         return run
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels_attention, "_kernels", lambda kind: (kernel("attention_partial"), kernel("attention_reduce")))
+        patch.setattr(
+            kernels_attention, "_kernels", lambda kind: (kernel("attention_partial"), kernel("attention_reduce"))
+        )
         return kernels_attention._launch("cuda", call)
 
 
@@ -455,7 +458,9 @@ def test_the_models_seam_takes_the_kernel_where_it_can(launches):
     attend(*small_call(), scale=0.125)
     assert launches == ["cuda"]
     q, k, v = small_call(dim=72)
-    np.testing.assert_allclose(as_float64(attend(q, k, v, scale=0.125)), naive_attention(q, k, v, scale=0.125), atol=1e-4)
+    np.testing.assert_allclose(
+        as_float64(attend(q, k, v, scale=0.125)), naive_attention(q, k, v, scale=0.125), atol=1e-4
+    )
     assert launches == ["cuda"]
 
 

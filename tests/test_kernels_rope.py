@@ -411,6 +411,7 @@ def test_cuda_sources_compile(tmp_path):
 
 # --- the CUDA kernels, run on the CPU ------------------------------------------------------------------
 
+
 def emulated_rope(dtype, pairing: str, head_dim: int, rotary_dims: int, two_d=False, table_batch=2):
     """rope of a (2, 3, 5, head_dim) tensor: (launch, check of its output)."""
     interleaved = PAIRINGS[pairing]
@@ -438,9 +439,7 @@ def emulated_rope_qk(dtype, pairing: str, heads):
             assert_rotated(got, oracle, dtype)
 
     def launch():
-        return rope_qk(
-            q, k, *rope_table(positions, inv_freq), rotary_dims=64, interleaved=interleaved, choice="kernel"
-        )
+        return rope_qk(q, k, *rope_table(positions, inv_freq), rotary_dims=64, interleaved=interleaved, choice="kernel")
 
     return launch, check
 
@@ -496,9 +495,7 @@ EMULATED_CASES = {
         mx.float32, "interleaved", 8, 64, two_d=True
     ),
     "rope_kv_block-8bit-g32-f32-interleaved": lambda: emulated_kv_block(mx.float32, "interleaved", 8, 32),
-    "rope_kv_block-4bit-g64-f16-half-split-2d": lambda: emulated_kv_block(
-        mx.float16, "half-split", 4, 64, two_d=True
-    ),
+    "rope_kv_block-4bit-g64-f16-half-split-2d": lambda: emulated_kv_block(mx.float16, "half-split", 4, 64, two_d=True),
     "rope_kv_block-unrotated-4bit-g64-f16": lambda: emulated_quantize_blocks(mx.float16, 4, 64),
     "rope_kv_block-unrotated-8bit-g32-f32": lambda: emulated_quantize_blocks(mx.float32, 8, 32),
 }

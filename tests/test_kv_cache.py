@@ -100,14 +100,21 @@ def test_documented_layout_decodes_like_mlx():
         keys, values = cache.held
         whole = 140 // group_size * group_size
         assert keys.data.dtype == values.data.dtype == mx.uint32 and keys.packed_slots == values.packed_slots == whole
-        assert keys.data.shape == (1, 2, DIM, whole * bits // 32) and values.data.shape == (1, 2, whole, DIM * bits // 32)
+        assert keys.data.shape == (1, 2, DIM, whole * bits // 32) and values.data.shape == (
+            1,
+            2,
+            whole,
+            DIM * bits // 32,
+        )
         assert keys.scales.shape == keys.biases.shape == (1, 2, DIM, whole // group_size)
         assert values.scales.shape == values.biases.shape == (1, 2, whole, DIM // group_size)
         assert keys.tail.shape == values.tail.shape == (1, 2, 140 - whole, DIM)
         packed_keys = mx.dequantize(*keys.arrays[:3], group_size, bits).swapaxes(-1, -2)
         packed_values = mx.dequantize(*values.arrays[:3], group_size, bits)
         np.testing.assert_allclose(unpack(keys), np.concatenate([packed_keys, x[:, :, whole:]], axis=2), atol=1e-6)
-        np.testing.assert_allclose(unpack(values), np.concatenate([packed_values, 2 * x[:, :, whole:]], axis=2), atol=1e-6)
+        np.testing.assert_allclose(
+            unpack(values), np.concatenate([packed_values, 2 * x[:, :, whole:]], axis=2), atol=1e-6
+        )
 
 
 PRIOR, LENGTH = 66, 7  # tokens already cached (whole blocks and a tail), then queries of this step
@@ -246,7 +253,9 @@ def test_quantized_rotating_attention_equals_numpy_reference(bits, group_size, w
         start = stop
     blocks = -(-keep // group_size) + -(-(max_size - keep) // group_size) + 1
     tail = sum(steps) % group_size
-    assert cache.nbytes == 2 * kv_heads * (blocks * group_size * quantized_bytes_per_slot(DIM, bits, group_size, 4) + tail * DIM * 4)
+    assert cache.nbytes == 2 * kv_heads * (
+        blocks * group_size * quantized_bytes_per_slot(DIM, bits, group_size, 4) + tail * DIM * 4
+    )
 
 
 def test_nbytes_is_exact_for_every_kind():
@@ -376,7 +385,10 @@ def test_8_bit_keys_and_values_stay_close_to_float(tiny):
     """Tolerance: 8-bit groups round each key/value by at most scale/2 (~0.4% of the group's range);
     on this model (logits std ~1) that moves logits by < 0.05 (observed ~0.02)."""
     dense = run_cached(tiny, tiny.make_cache(), 5, LONG_DECODE_IDS)
-    for cache in (tiny.make_cache(kv_bits=8, kv_group_size=32), tiny.make_cache(kv_bits=8, kv_group_size=32, max_kv_size=8, keep=0)):
+    for cache in (
+        tiny.make_cache(kv_bits=8, kv_group_size=32),
+        tiny.make_cache(kv_bits=8, kv_group_size=32, max_kv_size=8, keep=0),
+    ):
         np.testing.assert_allclose(run_cached(tiny, cache, 5, LONG_DECODE_IDS), dense, atol=0.05)
 
 
@@ -428,7 +440,7 @@ def test_generation_past_max_kv_size_keeps_the_cache_bounded(tiny, kv_bits):
     options = {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group_size": 32}
     cache = tiny.make_cache(max_kv_size=16, **options)
     sizes = []
-    for response in mlxfam.stream_generate(
+    for response in mlxfam.stream_generate(  # noqa: B007 (the last response is checked below)
         tiny, SilentTokenizer(), TINY_IDS, max_tokens=150, cache=cache, max_kv_size=16, **options
     ):
         sizes.append(sum(layer.nbytes for layer in cache))
@@ -576,7 +588,13 @@ def alice_prompt(tokenizer, length: int = 300) -> mx.array:
 @pytest.mark.end_to_end
 @pytest.mark.parametrize(
     ("case", "kv_group_size"),
-    [("capital_france", 64), ("capital_france", 32), ("plain_continuation", 64), ("plain_continuation", 32), ("alice_300", 64)],
+    [
+        ("capital_france", 64),
+        ("capital_france", 32),
+        ("plain_continuation", 64),
+        ("plain_continuation", 32),
+        ("alice_300", 64),
+    ],
 )
 def test_8_bit_kv_keeps_the_float16_kv_greedy_tokens(smollm2_fp16, case, kv_group_size):
     """24 greedy tokens: the float16 cache's (on the golden-real prompts, transformers' own) and the

@@ -37,7 +37,9 @@ def rewrite_weights(path: Path, edit):
 
 def test_unknown_model_type_lists_known_ones(checkpoint):
     rewrite_config(checkpoint, model_type="rwkv", architectures=["RwkvForCausalLM"])
-    with pytest.raises(MlxfamError, match=r"unknown architecture \['RwkvForCausalLM'\].*Known architectures: .*LlamaForCausalLM"):
+    with pytest.raises(
+        MlxfamError, match=r"unknown architecture \['RwkvForCausalLM'\].*Known architectures: .*LlamaForCausalLM"
+    ):
         mlxfam.load(checkpoint)
 
 
@@ -55,7 +57,9 @@ def test_unexpected_tensor_is_named(checkpoint):
 
 def test_shape_mismatch_names_tensor_expected_and_got(checkpoint):
     rewrite_config(checkpoint, intermediate_size=96)
-    with pytest.raises(MlxfamError, match=r"tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \(128, 64\), expected \(96, 64\)"):
+    with pytest.raises(
+        MlxfamError, match=r"tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \(128, 64\), expected \(96, 64\)"
+    ):
         mlxfam.load(checkpoint)
 
 

@@ -23,7 +23,9 @@ def test_mlx_lm_generate_gives_the_same_greedy_tokens(smollm2):
     wrapped = TokenizerWrapper(tokenizer, eos_token_ids=tokenizer.eos_token_ids)
     theirs = [r.token for r in mlx_lm.stream_generate(model, wrapped, prompt, max_tokens=12)]
     assert ours == theirs
-    assert mlx_lm.generate(model, wrapped, prompt, max_tokens=12) == mlxfam.generate(model, tokenizer, prompt, max_tokens=12)
+    assert mlx_lm.generate(model, wrapped, prompt, max_tokens=12) == mlxfam.generate(
+        model, tokenizer, prompt, max_tokens=12
+    )
     assert "Paris" in tokenizer.decode(ours)
 
 
@@ -31,7 +33,9 @@ def test_mlx_lm_wraps_an_mlxfam_tokenizer_as_is(smollm2):
     _, tokenizer = smollm2
     wrapped = TokenizerWrapper(tokenizer)
     assert wrapped.eos_token_ids >= {tokenizer.eos_token_id}
-    assert wrapped.encode("Hello world", add_special_tokens=False) == tokenizer.encode("Hello world", add_special_tokens=False)
+    assert wrapped.encode("Hello world", add_special_tokens=False) == tokenizer.encode(
+        "Hello world", add_special_tokens=False
+    )
     ids = np.array(tokenizer.encode("The three primary colors are"))
     detok = wrapped.detokenizer
     detok.reset()

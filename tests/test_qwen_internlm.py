@@ -3,7 +3,6 @@ fixtures really cross each length threshold, each quirk is needed to match the r
 spellings of other releases load the same model, InternLM 1's dynamic rotary (no golden) matches a
 float64 re-implementation of the later original code, and unsupported values are refused by name."""
 
-
 import mlx.core as mx
 import numpy as np
 import pytest

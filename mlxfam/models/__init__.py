@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 from ..errors import MlxfamError
-from . import baichuan, chatglm, chatglm2, gemma, gemma2, gpt2, internlm, internlm2, llama, minicpm, mixtral, qwen, qwen2
+from . import (
+    baichuan,
+    chatglm,
+    chatglm2,
+    gemma,
+    gemma2,
+    gpt2,
+    internlm,
+    internlm2,
+    llama,
+    minicpm,
+    mixtral,
+    qwen,
+    qwen2,
+)
 from .family import Family
 
 FAMILIES: tuple[Family, ...] = (

@@ -16,9 +16,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import MlxfamError
+from ..kernels.rope import rope_qk
 from .base import MLP, Attention, CausalLM, DecoderLayer, DecoderModel, ModelConfig, require
 from .family import Family, Traits
-from ..kernels.rope import rope_qk
 from .rope import RopeConfig
 
 # The original builds every block with its default num_layers=28, whatever the config says.

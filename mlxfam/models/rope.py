@@ -33,7 +33,7 @@ class RopeConfig:
     freq_factors: tuple[float, ...] | None = None  # GGUF `rope_freqs`: inv_freq_i is divided by these
 
     @staticmethod
-    def from_hf(hf: dict, dims: int, base: float) -> "RopeConfig":
+    def from_hf(hf: dict, dims: int, base: float) -> RopeConfig:
         """Reads `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5), and the
         per-frequency divisors a GGUF's `rope_freqs` tensor carries (see gguf.py)."""
         params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -41,8 +41,7 @@ class RopeConfig:
         rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
         if rope_type not in ROPE_TYPES:
             raise MlxfamError(
-                f"config.json: rope scaling type {rope_type!r} is not supported "
-                f"(supported: {', '.join(ROPE_TYPES)})"
+                f"config.json: rope scaling type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
             )
         if rope_type != "default" and "factor" not in params:
             raise MlxfamError(f"config.json: rope scaling {rope_type!r} needs a 'factor'")
