@@ -6,8 +6,10 @@ Every other family is written as this one plus its differences.
 from __future__ import annotations
 
 from ..errors import MlxfamError
+from ..tokenizer.split_patterns import DIGIT_TRIPLE_SPLIT
+from ..tokenizer.tiktoken_vocab import TiktokenDefinition
 from .base import CausalLM, DecoderModel, ModelConfig, require
-from .family import Family, Traits
+from .family import Family, TokenizerRules, Traits
 from .rope import RopeConfig
 
 
@@ -63,6 +65,28 @@ def sanitize(weights: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+# Meta's original Llama 3/3.1 tokenizer.model is a tiktoken file (their tokenizer.py).
+_TIKTOKEN_NAMED_SPECIALS = (
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+    "<|eot_id|>", "<|python_tag|>",
+)  # fmt: skip
+TIKTOKEN = TiktokenDefinition(
+    name="Llama 3",
+    file_name="tokenizer.model",
+    n_ranks=128000,
+    pattern=DIGIT_TRIPLE_SPLIT,  # tokenizer.py pat_str
+    # Llama 3.1's tokenizer.py: the named tokens, then reserved ones up to 256 in all.
+    specials=_TIKTOKEN_NAMED_SPECIALS + tuple(f"<|reserved_special_token_{2 + i}|>" for i in range(256 - 11)),
+    bos="<|begin_of_text|>",
+    eos="<|end_of_text|>",
+    stops=("<|eom_id|>", "<|eot_id|>"),
+    nfc=False,
+)
+# YiTokenizer is LlamaTokenizer under another name: the generic reading is exact.
+TOKENIZER = TokenizerRules(remote_classes=("YiTokenizer",), tiktoken=(TIKTOKEN,))
+
+
 FAMILY = Family(
     name="llama",
     description="Llama 1/2/3/3.1, Code Llama, Yi, Mistral, SmolLM2",
@@ -77,4 +101,5 @@ FAMILY = Family(
         scalings="rope linear/dynamic/llama3/yarn",
         tokenizer="SentencePiece; BPE (Llama 3, SmolLM2)",
     ),
+    tokenizer=TOKENIZER,
 )
