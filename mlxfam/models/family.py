@@ -7,11 +7,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..chat_formats import ChatFormat
 from ..tokenizer.core import FileDefaults, TokenizerSource, Vocabulary
 from ..tokenizer.tiktoken_vocab import TiktokenDefinition
 from .base import CausalLM, ModelConfig
+
+if TYPE_CHECKING:
+    from ..gguf import ArchitectureMetadata
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,8 @@ class GgufNames:
     global_names: Mapping[str, str]  # <name> -> the HF name
     # <name> of the projections llama.cpp permuted for its interleaved rotary -> the config key of their head count.
     permuted_heads: Mapping[str, str]
-    # (metadata field reader for `<architecture>.<key>`, the tensors, the file) -> the HF config.json dict.
-    config: Callable[[Callable, dict, Path], dict]
+    # (the file's `<architecture>.<key>` fields, its tensors, the file) -> the HF config.json dict.
+    config: Callable[[ArchitectureMetadata, dict, Path], dict]
 
 
 @dataclass(frozen=True)
