@@ -9,6 +9,7 @@ which family's tokenizer rules (`mlxfam.models.family.TokenizerRules`) restate t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import MlxfamError
 from .core import (
@@ -26,6 +27,9 @@ from .core import (
 from .hf_json import read_tokenizer_json
 from .spm_vocab import sentencepiece_processor, sentencepiece_vocabulary
 from .tiktoken_vocab import TiktokenDefinition, read_tiktoken, tiktoken_ranks
+
+if TYPE_CHECKING:
+    from ..models.family import Family
 
 
 def load_tokenizer(path: Path) -> Tokenizer | None:
@@ -91,7 +95,7 @@ def _read_with_family_rules(source: TokenizerSource) -> tuple[Vocabulary, FileDe
     return None
 
 
-def _candidate_families(source: TokenizerSource) -> list:
+def _candidate_families(source: TokenizerSource) -> list[Family]:
     """The families whose tokenizer rules may apply, in order: those implementing the named tokenizer class (the
     ones of config.json's model_type first), else those a vocabulary file names, then those of the model_type.
     A tokenizer class shipped as code that no family implements is refused (a class named besides the shipped
@@ -152,7 +156,7 @@ def _read_bpe_model(file: Path) -> tuple[Vocabulary, FileDefaults]:
         processor = sentencepiece_processor(data, str(file))
         bos_id = processor.bos_id() if processor.bos_id() >= 0 else None
         eos_id = processor.eos_id() if processor.eos_id() >= 0 else None
-        # HF's LlamaTokenizer and llama.cpp add BOS for SentencePiece models unless told otherwise.
+        # transformers' SentencePiece tokenizer and llama.cpp add BOS unless told otherwise.
         defaults = FileDefaults(bos_id, eos_id, prefix_ids=[bos_id] if bos_id is not None else [])
         return sentencepiece_vocabulary(processor), defaults
     definitions = _tiktoken_definitions()
