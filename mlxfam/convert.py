@@ -27,12 +27,6 @@ from .quantize import bits_per_weight, dequantize_model, make_plan, mlx_lm_confi
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
 
-# The families whose parameter names are mlx-lm's, and the model_type to write where mlx-lm knows
-# the architecture under another name. The other families are written under mlxfam's own parameter
-# names (already converted from the original layout), with `MLXFAM_LAYOUT` set in config.json so the
-# loader reads them as they are; mlx-lm does not load those directories.
-MLX_LM_MODEL_TYPES: dict[str, dict[str, str]] = {"llama": {"Yi": "llama", "yi": "llama"}}
-
 # What a Hugging Face directory holds besides weights that the converted one needs (tokenizer,
 # chat template, generation defaults).
 TOKENIZER_FILES = (
@@ -104,7 +98,10 @@ def convert(
 
 def mlx_lm_model_config(hf_config: dict, source: str) -> dict:
     """The source's config as mlx-lm reads it for our tensor names (its own quantization block dropped:
-    the converted one describes the tensors actually written)."""
+    the converted one describes the tensors actually written). A family without an mlx-lm layout
+    (`Family.mlx_lm`) is written under mlxfam's own parameter names (already converted from the original
+    layout), with `MLXFAM_LAYOUT` set in config.json so the loader reads them as they are; mlx-lm does
+    not load those directories."""
     family = family_for(hf_config, source=f"{source} config")
     if hf_config.get("rope_freq_factors"):
         raise MlxfamError(
@@ -112,10 +109,10 @@ def mlx_lm_model_config(hf_config: dict, source: str) -> dict:
             "convert the original Hugging Face checkpoint instead"
         )
     config = {k: v for k, v in hf_config.items() if k not in ("quantization", "quantization_config")}
-    if family.name not in MLX_LM_MODEL_TYPES:
+    if family.mlx_lm is None:
         config[loader.MLXFAM_LAYOUT] = True
         return config
-    renames = MLX_LM_MODEL_TYPES[family.name]
+    renames = family.mlx_lm.model_type_renames
     config["model_type"] = renames.get(config.get("model_type"), config.get("model_type"))
     return config
 

@@ -19,8 +19,8 @@ import tiktoken
 from mlxfam_apps.chat import render_prompt
 from sentencepiece import sentencepiece_model_pb2
 
-from mlxfam.chat_formats import INTERNLM2_DEFAULT_SYSTEM
 from mlxfam.errors import MlxfamError
+from mlxfam.models.internlm2 import DEFAULT_SYSTEM as INTERNLM2_DEFAULT_SYSTEM
 from mlxfam.tokenizer import load_tokenizer
 
 DATA = Path(__file__).parent / "data"

@@ -8,14 +8,16 @@ One architecture name and model_type cover four variants; the config tells them 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import numpy as np
 
+from ..chat_formats import ChatFormat, split_system
 from ..errors import MlxfamError
+from ..tokenizer.core import FileDefaults, TokenizerSource, Vocabulary, vocabulary_id
 from .base import CausalLM, DecoderModel, ModelConfig, require
-from .family import Family, Traits
+from .family import Family, TokenizerRules, Traits
 from .llama import llama_config
 from .rope import RopeConfig
 
@@ -97,6 +99,39 @@ def sanitize(weights: dict, cfg: BaichuanConfig) -> dict:
     return out
 
 
+def chat_prompt(tokenizer, messages, add_generation_prompt, *, user_token_id: int, assistant_token_id: int):
+    """`build_chat_input`: the system text, then each turn's role id and text, every text encoded as
+    `tokenizer.encode` does (with BOS where the tokenizer adds one); a final assistant id opens the reply."""
+    system, turns = split_system(messages, "Baichuan", ("user", "assistant"))
+    ids = tokenizer.encode(system or "")
+    for message in turns:
+        ids += [
+            user_token_id if message["role"] == "user" else assistant_token_id,
+            *tokenizer.encode(message["content"]),
+        ]
+    if add_generation_prompt and messages[-1]["role"] != "assistant":
+        ids.append(assistant_token_id)
+    return ids
+
+
+def chat_settings(vocabulary: Vocabulary, defaults: FileDefaults, source: TokenizerSource) -> FileDefaults:
+    """The role ids, from generation_config.json where it sets them."""
+    generation_file = source.path / "generation_config.json"
+    generation = source.json("generation_config.json")
+    role_ids = {
+        key: vocabulary_id(vocabulary, generation.get(key, default), f"{generation_file}: {key}")
+        for key, default in defaults.chat_format.options.items()
+    }
+    return replace(defaults, chat_format=defaults.chat_format.with_options(**role_ids))
+
+
+TOKENIZER = TokenizerRules(
+    remote_classes=("BaichuanTokenizer", "BaiChuanTokenizer"),  # the second: Baichuan-7B
+    chat_format=ChatFormat("baichuan", chat_prompt, {"user_token_id": 195, "assistant_token_id": 196}),
+    chat_settings=chat_settings,
+)
+
+
 FAMILY = Family(
     name="baichuan",
     description="Baichuan-7B/13B, Baichuan2-7B/13B",
@@ -110,4 +145,5 @@ FAMILY = Family(
         positions="RoPE (7B); ALiBi (13B)",
         head="untied; Baichuan 2: NormHead",
     ),
+    tokenizer=TOKENIZER,
 )

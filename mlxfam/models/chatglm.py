@@ -15,10 +15,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from ..chat_formats import ChatFormat, rounds, split_system
 from ..errors import MlxfamError
 from ..kernels.rope import rope_qk
+from ..tokenizer.core import FileDefaults, TokenizerSource, Vocabulary, token_id_of
+from ..tokenizer.spm_vocab import sentencepiece_processor, sentencepiece_vocabulary
 from .base import MLP, Attention, CausalLM, DecoderLayer, DecoderModel, ModelConfig, require
-from .family import Family, Traits
+from .family import Family, TokenizerRules, Traits
 from .rope import RopeConfig
 
 # The original builds every block with its default num_layers=28, whatever the config says.
@@ -228,6 +231,79 @@ def is_chatglm1(hf: dict) -> bool:
     return "position_encoding_2d" in hf or "inner_hidden_size" in hf
 
 
+# --- tokenizer: ice_text.model, as tokenization_chatglm.py reads it, and the chat prompt of chat() -------------
+
+# SPTokenizer writes these for whitespace before SentencePiece sees the text (max_blank_length 80).
+_ICETK_WHITESPACE = {"<n>": "\n", "<|tab|>": "\t"} | {f"<|blank_{n}|>": " " * n for n in range(2, 81)}
+
+
+def _icetk_text(text: str) -> str:
+    text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+    return re.sub(" {2,80}", lambda run: f"<|blank_{len(run.group())}|>", text)
+
+
+def read_tokenizer(source: TokenizerSource) -> tuple[Vocabulary, FileDefaults] | None:
+    """ice_text.model (None without it): whitespace written as <n>, <|tab|>, <|blank_n|> before SentencePiece (and
+    back when decoding), ids shifted past `num_image_tokens` image tokens, [gMASK] <sop> appended to a text."""
+    file, config, config_file = source.path / "ice_text.model", source.config, source.config_file
+    if not file.is_file():
+        return None
+    for flag in ("remove_space", "do_lower_case"):
+        if config.get(flag):
+            raise MlxfamError(f"{config_file}: {flag} true is not supported (ChatGLM-6B ships false)")
+    offset = config.get("num_image_tokens", 20000)  # the tokenizer's default; the final release sets 0
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise MlxfamError(f"{config_file}: num_image_tokens must be a non-negative int, got {offset!r}")
+    processor = sentencepiece_processor(file.read_bytes(), str(file))
+    text = sentencepiece_vocabulary(processor)
+    pieces = list(text.pieces)
+    for token, replacement in _ICETK_WHITESPACE.items():
+        if token in text.vocab:
+            pieces[text.vocab[token]] = replacement.encode()
+    vocabulary = Vocabulary(
+        encode_ordinary=lambda s: [offset + i for i in processor.encode(_icetk_text(s))],
+        pieces=[b""] * offset + pieces,  # image tokens decode to nothing
+        vocab={token: offset + i for token, i in text.vocab.items()},
+        specials={token: offset + i for token, i in text.specials.items()},
+        special_ids=frozenset(offset + i for i in text.special_ids),
+        strip_leading_space=text.strip_leading_space,
+    )
+    gmask = token_id_of(vocabulary, config.get("gmask_token", "[gMASK]"), f"{config_file}: gmask_token")
+    sop = token_id_of(vocabulary, config.get("bos_token", "<sop>"), f"{config_file}: bos_token")
+    return vocabulary, FileDefaults(
+        bos_id=sop,
+        eos_id=token_id_of(vocabulary, config.get("eos_token", "<eop>"), f"{config_file}: eos_token"),
+        suffix_ids=[gmask, sop],
+    )
+
+
+def glm_rounds(history, query, *, first_round: int, sep: str) -> str:
+    """ "[Round i]{sep}问：…{sep}答：…{sep}" per (question, answer), a trailing question's round ending at "答："."""
+    text = "".join(f"[Round {first_round + i}]{sep}问：{q}{sep}答：{a}{sep}" for i, (q, a) in enumerate(history))
+    if query is not None:
+        text += f"[Round {first_round + len(history)}]{sep}问：{query}{sep}答："
+    return text
+
+
+def chat_prompt(tokenizer, messages, add_generation_prompt) -> str:
+    """`chat()`: the bare query on the first turn, then "[Round i]\\n问：…\\n答：…" from round 0; a trailing
+    question's round ends with "答：", which opens the answer."""
+    _, turns = split_system(messages, "ChatGLM-6B", ("user", "assistant"), takes_system=False)
+    history, query = rounds(turns, "ChatGLM-6B")
+    if not history and query is not None:
+        return query
+    return glm_rounds(history, query, first_round=0, sep="\n")
+
+
+# ChatGLMTokenizer is also ChatGLM2/3's class: with no ice_text.model, chatglm2's rules read the directory.
+TOKENIZER = TokenizerRules(
+    remote_classes=("ChatGLMTokenizer",),
+    vocabulary_files=("ice_text.model",),
+    read=read_tokenizer,
+    chat_format=ChatFormat("chatglm1", chat_prompt),
+)
+
+
 FAMILY = Family(
     name="chatglm",
     description="ChatGLM-6B (v1)",
@@ -247,4 +323,5 @@ FAMILY = Family(
         tokenizer="SentencePiece (icetk)",
     ),
     matches=is_chatglm1,
+    tokenizer=TOKENIZER,
 )

@@ -2,31 +2,58 @@
 multi-query groups, RoPE on the first half of each head in interleaved pairs, RMSNorm and a fused
 SwiGLU dense_h_to_4h [gate; up].
 
-The two share their config keys and differ in two rotary details, told apart by the checkpoint name
-(`_name_or_path`): ChatGLM2's code builds its rotary table in the model dtype (in fp16, positions past
-2048 are no longer integers) and its rope_ratio divides the positions (chatglm2-6b-32k); ChatGLM3's
-table is fp32 and its rope_ratio multiplies the base.
+The two share their config keys, architecture and tokenizer.model; only the repository name recorded in the
+configs tells them apart (`chatglm_version`, used by the model config and the tokenizer alike). The model differs
+in two rotary details: ChatGLM2's code builds its rotary table in the model dtype (in fp16, positions past 2048
+are no longer integers) and its rope_ratio divides the positions (chatglm2-6b-32k); ChatGLM3's table is fp32 and
+its rope_ratio multiplies the base. The tokenizer differs in its appended role tokens and chat prompt.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..chat_formats import ChatFormat, rounds, split_system
 from ..errors import MlxfamError
 from ..kernels.rope import rope_qk
+from ..tokenizer.core import (
+    FileDefaults,
+    TokenizerSource,
+    Vocabulary,
+    added_tokens,
+    with_added_tokens,
+    with_appended_tokens,
+)
+from ..tokenizer.spm_vocab import sentencepiece_processor, sentencepiece_vocabulary
 from .base import Attention, CausalLM, DecoderLayer, DecoderModel, ModelConfig, require
-from .chatglm import rotary_cos_sin, split_per_head
-from .family import Family, Traits
+from .chatglm import glm_rounds, rotary_cos_sin, split_per_head
+from .family import Family, TokenizerRules, Traits
 from .rope import RopeConfig
 
 _CHATGLM2_NAMES = ("chatglm2", "codegeex2")
 _CHATGLM3_NAMES = ("chatglm3", "glm-4", "glm4")  # GLM-4's code scales the base by rope_ratio as ChatGLM3's does
 # Values the original code reads but mlxfam implements only as the released checkpoints set them.
 _FIXED = {"apply_residual_connection_post_layernorm": False, "post_layer_norm": True, "fp32_residual_connection": False}
+
+
+def chatglm_version(names: dict[str, object], where: str, why: str) -> int:
+    """2 or 3, from the repository names recorded in the configs (`names`: field -> value, in the order they
+    are trusted); `where` and `why` (what depends on it) go into the error raised when no name tells."""
+    for name in (str(value).lower() for value in names.values()):
+        if any(n in name for n in _CHATGLM2_NAMES):
+            return 2
+        if any(n in name for n in _CHATGLM3_NAMES):
+            return 3
+    given = "; ".join(f"{field} {value!r}" for field, value in names.items())
+    raise MlxfamError(
+        f"{where}: cannot tell ChatGLM2 from ChatGLM3 ({why}): {given} names neither "
+        f"(ChatGLM2: {', '.join(_CHATGLM2_NAMES)}; ChatGLM3: {', '.join(_CHATGLM3_NAMES)})"
+    )
 
 
 @dataclass(frozen=True)
@@ -45,14 +72,12 @@ def chatglm2_config(hf: dict) -> ChatGLM2Config:
         )
     if hf.get("pre_seq_len") is not None:
         raise MlxfamError("config.json: pre_seq_len (a P-tuning v2 prefix) is not supported")
-    name = str(hf.get("_name_or_path", "")).lower()
-    chatglm2 = any(n in name for n in _CHATGLM2_NAMES)
     ratio = float(hf.get("rope_ratio", 1))
-    if ratio != 1 and not chatglm2 and not any(n in name for n in _CHATGLM3_NAMES):
-        raise MlxfamError(
-            f"config.json: rope_ratio {ratio:g} divides positions in ChatGLM2 but multiplies the base in ChatGLM3, "
-            f"and _name_or_path {hf.get('_name_or_path')!r} names neither"
-        )
+    why = (
+        f"rope_ratio {ratio:g} divides positions in ChatGLM2 but multiplies the base in ChatGLM3, "
+        "whose rotary table is fp32 where ChatGLM2's is in the model dtype"
+    )
+    chatglm2 = chatglm_version({"_name_or_path": hf.get("_name_or_path")}, "config.json", why) == 2
     hidden, heads = require(hf, "hidden_size"), require(hf, "num_attention_heads")
     head_dim = hf.get("kv_channels") or hidden // heads
     multi_query = bool(hf.get("multi_query_attention"))
@@ -161,6 +186,70 @@ def is_chatglm2(hf: dict) -> bool:
     return "padded_vocab_size" in hf or "multi_query_attention" in hf or "kv_channels" in hf
 
 
+# --- tokenizer: tokenizer.model plus the specials SPTokenizer appends, and the chat prompts ---------------
+
+# SPTokenizer appends these after the SentencePiece pieces; its tokenizer never finds them in text.
+_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+_CHATGLM3_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+
+
+def chatglm2_prompt(tokenizer, messages, add_generation_prompt) -> str:
+    """ChatGLM2 `build_prompt`: "[Round i]\\n\\n问：…\\n\\n答：…" with rounds from 1, also on the first turn."""
+    _, turns = split_system(messages, "ChatGLM2", ("user", "assistant"), takes_system=False)
+    return glm_rounds(*rounds(turns, "ChatGLM2"), first_round=1, sep="\n\n")
+
+
+def chatglm3_prompt(tokenizer, messages, add_generation_prompt) -> list[int]:
+    """ChatGLM3 `build_chat_input`: per message <|role|> + encode(metadata + "\\n") + encode(content) (a system
+    message's `tools` appended as JSON), <|assistant|> to open the reply, all after [gMASK] sop."""
+    ids = []
+    for i, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        if role not in ("system", "user", "assistant", "observation"):
+            raise MlxfamError(f"chat message {i}: role {role!r} is not supported by the ChatGLM3 format")
+        if role == "system" and "tools" in message:
+            content += "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
+        ids.append(tokenizer.token_to_id(f"<|{role}|>"))
+        ids += tokenizer.encode_ordinary(f"{message.get('metadata', '')}\n") + tokenizer.encode_ordinary(content)
+    if add_generation_prompt:
+        ids.append(tokenizer.token_to_id("<|assistant|>"))
+    return tokenizer.build_inputs_with_special_tokens(ids)
+
+
+_CHAT_FORMATS = {2: ChatFormat("chatglm2", chatglm2_prompt), 3: ChatFormat("chatglm3", chatglm3_prompt)}
+
+
+def read_tokenizer(source: TokenizerSource) -> tuple[Vocabulary, FileDefaults] | None:
+    """tokenizer.model (None without it) plus the specials SPTokenizer appends (ChatGLM3: also its role tokens),
+    [gMASK] sop before a text, and the chat prompt of the version the configs name."""
+    file = source.path / "tokenizer.model"
+    if not file.is_file():
+        return None
+    names = {
+        f"{source.config_file} name_or_path": source.config.get("name_or_path"),
+        f"{source.path / 'config.json'} _name_or_path": source.model_config.get("_name_or_path"),
+    }
+    version = chatglm_version(names, str(source.path), "same tokenizer.model, different chat formats")
+    processor = sentencepiece_processor(file.read_bytes(), str(file))
+    vocabulary = with_appended_tokens(
+        sentencepiece_vocabulary(processor), _SPECIALS + (_CHATGLM3_ROLES if version == 3 else ())
+    )
+    vocabulary = with_added_tokens(vocabulary, added_tokens(source.config, source.config_file))
+    ids = vocabulary.vocab
+    return vocabulary, FileDefaults(
+        bos_id=None,  # the [gMASK] sop prefix takes BOS's place
+        eos_id=processor.eos_id(),
+        prefix_ids=[ids["[gMASK]"], ids["sop"]],
+        # ChatGLM3's chat() also ends at the next user or tool turn.
+        stop_ids=[ids["<|user|>"], ids["<|observation|>"]] if version == 3 else [],
+        chat_format=_CHAT_FORMATS[version],
+    )
+
+
+# ChatGLM-6B's rules come first for ChatGLMTokenizer and read ice_text.model; without one, these read the directory.
+TOKENIZER = TokenizerRules(remote_classes=("ChatGLMTokenizer",), read=read_tokenizer)
+
+
 FAMILY = Family(
     name="chatglm2",
     description="ChatGLM2-6B, ChatGLM3-6B",
@@ -177,4 +266,5 @@ FAMILY = Family(
         scalings="rope_ratio (v2: positions, v3: base)",
     ),
     matches=is_chatglm2,
+    tokenizer=TOKENIZER,
 )

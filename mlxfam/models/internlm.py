@@ -13,10 +13,11 @@ import mlx.core as mx
 import numpy as np
 
 from ..attention import attend
+from ..chat_formats import ChatFormat, split_system
 from ..errors import MlxfamError
 from ..kernels.rope import rope
 from .base import Attention, CausalLM, DecoderLayer, DecoderModel, ModelConfig, require
-from .family import Family, Traits
+from .family import Family, TokenizerRules, Traits
 from .llama import llama_config, sanitize
 from .rope import RopeConfig
 
@@ -72,6 +73,22 @@ class InternLMForCausalLM(CausalLM):
         self.whole_prompt_prefill = dynamic
 
 
+def chat_prompt(tokenizer, messages, add_generation_prompt) -> str:
+    """`build_inputs`: "<|User|>:{q}<eoh>\\n<|Bot|>:{a}<eoa>\\n", the prompt ending at "<|Bot|>:"."""
+    _, turns = split_system(messages, "InternLM", ("user", "assistant"), takes_system=False)
+    text = "".join(
+        f"<|User|>:{m['content']}<eoh>\n" if m["role"] == "user" else f"<|Bot|>:{m['content']}<eoa>\n" for m in turns
+    )
+    return text + "<|Bot|>:" if add_generation_prompt else text
+
+
+TOKENIZER = TokenizerRules(
+    remote_classes=("InternLMTokenizer",),
+    chat_format=ChatFormat("internlm", chat_prompt),
+    stop_tokens=("<eoa>", "<eoh>"),
+)
+
+
 FAMILY = Family(
     name="internlm",
     description="InternLM 1 (7B, 20B)",
@@ -85,4 +102,5 @@ FAMILY = Family(
         attention="MHA",
         scalings="rotary dynamic: un-rotated key cache, re-rotated each step",
     ),
+    tokenizer=TOKENIZER,
 )

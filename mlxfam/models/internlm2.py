@@ -7,12 +7,15 @@ while cached keys keep the base they were rotated with (rope.py's "dynamic" type
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import mlx.core as mx
 
+from ..chat_formats import ChatFormat, split_system
 from ..errors import MlxfamError
+from ..tokenizer.core import FileDefaults, TokenizerSource, Vocabulary, token_text
 from .base import CausalLM, DecoderModel, ModelConfig
-from .family import Family, Traits
+from .family import Family, TokenizerRules, Traits
 from .llama import llama_config
 
 _ROPE_SCALINGS = ("dynamic", "linear")  # what the original code accepts
@@ -82,6 +85,44 @@ def sanitize(weights: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+# `chat(meta_instruction=...)`'s default (modeling_internlm2.py).
+DEFAULT_SYSTEM = (
+    "You are an AI assistant whose name is InternLM (书生·浦语).\n"
+    "- InternLM (书生·浦语) is a conversational language model that is developed by Shanghai AI Laboratory "
+    "(上海人工智能实验室). It is designed to be helpful, honest, and harmless.\n"
+    "- InternLM (书生·浦语) can understand and communicate fluently in the language chosen by the user such as "
+    "English and 中文."
+)
+_IM_START_ID, _IM_END_ID = 92543, 92542
+
+
+def chat_prompt(tokenizer, messages, add_generation_prompt, *, im_start: str, im_end: str) -> str:
+    """`build_inputs`: ChatML with its meta instruction as system prompt (an empty one drops the block), and
+    exactly one BOS: written here only when the tokenizer does not add it."""
+    system, turns = split_system(messages, "InternLM2", ("user", "assistant"))
+    system = DEFAULT_SYSTEM if system is None else system
+    text = "" if tokenizer.add_bos_token else tokenizer.bos_token or ""
+    blocks = ([("system", system)] if system else []) + [(m["role"], m["content"]) for m in turns]
+    text += "".join(f"{im_start}{role}\n{content}{im_end}\n" for role, content in blocks)
+    return text + f"{im_start}assistant\n" if add_generation_prompt else text
+
+
+def chat_settings(vocabulary: Vocabulary, defaults: FileDefaults, source: TokenizerSource) -> FileDefaults:
+    """<|im_start|> 92543 and <|im_end|> 92542 are spelled [UNUSED_TOKEN_146] / [UNUSED_TOKEN_145] in the first
+    files: the prompt uses the vocabulary's spelling; the chat ends on <|im_end|>."""
+    im_start, im_end = (token_text(vocabulary, i, source.path, "InternLM2") for i in (_IM_START_ID, _IM_END_ID))
+    chat_format = defaults.chat_format.with_options(im_start=im_start, im_end=im_end)
+    return replace(defaults, chat_format=chat_format, stop_ids=[*defaults.stop_ids, _IM_END_ID])
+
+
+TOKENIZER = TokenizerRules(
+    # InternLMTokenizer: InternLM2's first releases (config.json model_type internlm2).
+    remote_classes=("InternLM2Tokenizer", "InternLM2TokenizerFast", "InternLMTokenizer"),
+    chat_format=ChatFormat("internlm2", chat_prompt, {"im_start": "<|im_start|>", "im_end": "<|im_end|>"}),
+    chat_settings=chat_settings,
+)
+
+
 FAMILY = Family(
     name="internlm2",
     description="InternLM2 (1.8B, 7B, 20B)",
@@ -95,4 +136,5 @@ FAMILY = Family(
         attention="GQA",
         scalings="legacy dynamic NTK (keys keep their base)",
     ),
+    tokenizer=TOKENIZER,
 )

@@ -5,9 +5,14 @@ Every other family is written as this one plus its differences.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import MlxfamError
+from ..gguf import ArchitectureMetadata
+from ..tokenizer.split_patterns import DIGIT_TRIPLE_SPLIT
+from ..tokenizer.tiktoken_vocab import TiktokenDefinition
 from .base import CausalLM, DecoderModel, ModelConfig, require
-from .family import Family, Traits
+from .family import Family, GgufNames, MlxLmLayout, TokenizerRules, Traits
 from .rope import RopeConfig
 
 
@@ -63,6 +68,86 @@ def sanitize(weights: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+# Meta's original Llama 3/3.1 tokenizer.model is a tiktoken file (their tokenizer.py).
+_TIKTOKEN_NAMED_SPECIALS = (
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+    "<|eot_id|>", "<|python_tag|>",
+)  # fmt: skip
+TIKTOKEN = TiktokenDefinition(
+    name="Llama 3",
+    file_name="tokenizer.model",
+    n_ranks=128000,
+    pattern=DIGIT_TRIPLE_SPLIT,  # tokenizer.py pat_str
+    # Llama 3.1's tokenizer.py: the named tokens, then reserved ones up to 256 in all.
+    specials=_TIKTOKEN_NAMED_SPECIALS + tuple(f"<|reserved_special_token_{2 + i}|>" for i in range(256 - 11)),
+    bos="<|begin_of_text|>",
+    eos="<|end_of_text|>",
+    stops=("<|eom_id|>", "<|eot_id|>"),
+    nfc=False,
+)
+# YiTokenizer is LlamaTokenizer under another name: the generic reading is exact.
+TOKENIZER = TokenizerRules(remote_classes=("YiTokenizer",), tiktoken=(TIKTOKEN,))
+
+
+# --- GGUF (llama.cpp's `llama` architecture) --------------------------------------------------------------
+
+
+def gguf_config(field: ArchitectureMetadata, tensors: dict, path: Path) -> dict:
+    """The HF config.json of a llama-architecture GGUF, from its `llama.*` metadata."""
+    heads = int(field("attention.head_count"))
+    hidden = int(field("embedding_length"))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(field("feed_forward_length")),
+        "num_hidden_layers": int(field("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(field("attention.head_count_kv", heads)),
+        "head_dim": int(field("attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(field("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(field("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(field("context_length")),
+        "vocab_size": int(tensors["token_embd.weight"].shape[0]),
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+    rotary_dims = int(field("rope.dimension_count", config["head_dim"]))
+    if rotary_dims != config["head_dim"]:
+        raise MlxfamError(
+            f"{path}: partial rotary ({rotary_dims} of {config['head_dim']} dims) is not supported for llama"
+        )
+    scaling = field.get("rope.scaling.type", "none")
+    if scaling in ("linear", "yarn"):
+        config["rope_scaling"] = {"rope_type": scaling, "factor": float(field("rope.scaling.factor"))}
+        original = field.get("rope.scaling.original_context_length")
+        if original is not None:
+            config["rope_scaling"]["original_max_position_embeddings"] = int(original)
+    elif scaling != "none":
+        raise MlxfamError(f"{path}: GGUF rope scaling {scaling!r} is not supported (supported: linear, yarn)")
+    return config
+
+
+GGUF = GgufNames(
+    architecture="llama",
+    layer_names={
+        "attn_norm": "input_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    },
+    global_names={"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"},
+    # llama.cpp's converter permutes q and k rows for its interleaved rotary.
+    permuted_heads={"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"},
+    config=gguf_config,
+)
+
+
 FAMILY = Family(
     name="llama",
     description="Llama 1/2/3/3.1, Code Llama, Yi, Mistral, SmolLM2",
@@ -77,4 +162,8 @@ FAMILY = Family(
         scalings="rope linear/dynamic/llama3/yarn",
         tokenizer="SentencePiece; BPE (Llama 3, SmolLM2)",
     ),
+    tokenizer=TOKENIZER,
+    # mlx-lm's parameter names are ours; it knows Yi's model_type as llama.
+    mlx_lm=MlxLmLayout(model_type_renames={"Yi": "llama", "yi": "llama"}),
+    gguf=GGUF,
 )

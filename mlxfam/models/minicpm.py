@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
+from ..chat_formats import ChatFormat
 from ..errors import MlxfamError
+from ..tokenizer.core import FileDefaults, TokenizerSource, Vocabulary
 from .base import CausalLM, DecoderLayer, DecoderModel, ModelConfig
-from .family import Family, Traits
+from .family import Family, TokenizerRules, Traits
 from .llama import llama_config, sanitize
 
 ROPE_TYPES = ("default", "linear", "dynamic")  # what MiniCPMConfig accepts
@@ -58,6 +60,26 @@ class MiniCPMForCausalLM(CausalLM):
         return super().logits(h / self.config.logits_divisor)
 
 
+def chat_prompt(tokenizer, messages, add_generation_prompt) -> str:
+    """The template MiniCPM ships: "<用户>{q}<AI>" per user turn, any other turn's text as is, both stripped."""
+    return "".join(
+        f"<用户>{m['content'].strip()}<AI>" if m["role"] == "user" else m["content"].strip() for m in messages
+    )
+
+
+def chat_settings(vocabulary: Vocabulary, defaults: FileDefaults, source: TokenizerSource) -> FileDefaults:
+    """Its chat() cuts the reply at the next <用户> or <AI>, where the vocabulary has them."""
+    stops = [vocabulary.vocab[token] for token in ("<用户>", "<AI>") if token in vocabulary.vocab]
+    return replace(defaults, stop_ids=[*defaults.stop_ids, *stops])
+
+
+TOKENIZER = TokenizerRules(
+    # chat() renders the repository's template to text and tokenizes that with BOS.
+    chat_format=ChatFormat("minicpm", chat_prompt, uses_template=True),
+    chat_settings=chat_settings,
+)
+
+
 FAMILY = Family(
     name="minicpm",
     description="MiniCPM 1B/2B",
@@ -70,4 +92,5 @@ FAMILY = Family(
         head="tied (128k: untied)",
         scalings="embed x scale_emb; residuals x scale_depth/sqrt(L); logits of h/(H/dim_model_base)",
     ),
+    tokenizer=TOKENIZER,
 )

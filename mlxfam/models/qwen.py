@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import numpy as np
 
+from ..chat_formats import ChatFormat, split_system
 from ..errors import MlxfamError
 from ..kernels.rope import rope_qk, rope_table
+from ..tokenizer.core import FileDefaults, TokenizerSource, Vocabulary
+from ..tokenizer.split_patterns import SINGLE_DIGIT_SPLIT
+from ..tokenizer.tiktoken_vocab import TiktokenDefinition
 from .base import Attention, CausalLM, DecoderLayer, DecoderModel, ModelConfig, require
-from .family import Family, Traits
+from .family import Family, TokenizerRules, Traits
 from .rope import RopeConfig, default_inv_freq
 
 
@@ -150,6 +154,61 @@ def sanitize(weights: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+# --- tokenizer: qwen.tiktoken, run as tokenization_qwen.py does, and the chat prompt of make_context ----------
+
+TIKTOKEN = TiktokenDefinition(
+    name="Qwen 1",
+    file_name="qwen.tiktoken",
+    n_ranks=151643,
+    pattern=SINGLE_DIGIT_SPLIT,  # tokenization_qwen.py PAT_STR; Qwen 1.5/2's tokenizer.json uses the same one
+    specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205))),
+    bos=None,
+    eos="<|endoftext|>",
+    stops=("<|im_end|>", "<|im_start|>"),  # FAMILIES.md §10: chat stop words
+    nfc=True,
+)
+# `chat(system=...)`'s default (modeling_qwen.py).
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def chat_prompt(tokenizer, messages, add_generation_prompt) -> list[int]:
+    """`make_context` (chatml): blocks "<|im_start|>{role}\\n{content}<|im_end|>" joined by "\\n", the system
+    block first. Role and content are encoded separately, special-token text in them as plain text."""
+    system, turns = split_system(messages, "Qwen", ("user", "assistant"))
+    im_start, im_end = tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")
+    newline = tokenizer.encode_ordinary("\n")
+
+    def block(role: str, content: str) -> list[int]:
+        return [im_start, *tokenizer.encode_ordinary(role), *newline, *tokenizer.encode_ordinary(content), im_end]
+
+    ids = block("system", DEFAULT_SYSTEM if system is None else system)
+    for message in turns:
+        ids += newline + block(message["role"], message["content"])
+    if add_generation_prompt:
+        ids += [*newline, im_start, *tokenizer.encode_ordinary("assistant"), *newline]
+    return ids
+
+
+def chat_settings(vocabulary: Vocabulary, defaults: FileDefaults, source: TokenizerSource) -> FileDefaults:
+    """generation_config.json's chat_format: "chatml" chats, a "raw" (base) model has no chat prompt. The ChatML
+    stop tokens come with qwen.tiktoken either way."""
+    mode = source.json("generation_config.json").get("chat_format", "chatml")
+    if mode not in ("chatml", "raw"):
+        raise MlxfamError(
+            f"{source.path / 'generation_config.json'}: chat_format {mode!r} is not supported ('chatml' or 'raw')"
+        )
+    return defaults if mode == "chatml" else replace(defaults, chat_format=None)
+
+
+TOKENIZER = TokenizerRules(
+    remote_classes=("QWenTokenizer",),
+    vocabulary_files=("qwen.tiktoken",),
+    tiktoken=(TIKTOKEN,),
+    chat_format=ChatFormat("qwen", chat_prompt),
+    chat_settings=chat_settings,
+)
+
+
 FAMILY = Family(
     name="qwen",
     description="Qwen 1 (Qwen-7B, -14B, -Chat)",
@@ -166,4 +225,5 @@ FAMILY = Family(
         scalings="dynamic NTK (alpha from the prompt), logn attention",
         tokenizer="tiktoken BPE",
     ),
+    tokenizer=TOKENIZER,
 )
