@@ -1,15 +1,18 @@
 """GGUF files (llama.cpp) -> an HF-style config and HF-named tensors, by the GGUF names (`GgufNames`) of the
 family whose architecture the file declares.
 
-`mx.load` parses the file and keeps Q4_0 / Q4_1 / Q8_0 tensors quantized as MLX affine
-quantization (group size 32: `name.weight` packed uint32, `name.scales`, `name.biases`);
-F16 / F32 tensors come back as they are. Where llama.cpp's converter permuted the rows of projections
+mlxfam's own reader (`gguf_reader`) validates and memory-maps the file; `gguf_quants` turns block types
+whose blocks are affine over 32 values (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) into MLX affine
+quantization (group size 32: `name.weight` packed uint32, `name.scales`, `name.biases`), exactly;
+F32 / F16 / BF16 tensors come back as they are. The 16-value sub-block types (Q2_K, Q3_K, Q6_K) have no
+layer yet: they are expanded to float16, with a warning naming them. Where llama.cpp's converter permuted the rows of projections
 for its interleaved rotary (the family's `permuted_heads`), that is undone here so the model uses HF's
 half-split rotary like the family's HF checkpoints.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +20,8 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 
 from .errors import MlxfamError
+from .gguf_quants import GGUFQuantized, tensor_to_mlx
+from .gguf_reader import read_gguf
 
 if TYPE_CHECKING:
     from .models.family import GgufNames
@@ -86,10 +91,8 @@ def hf_config_from_metadata(metadata: dict, tensors: dict, path: Path) -> dict:
 
 def read(path: Path) -> tuple[dict, dict[str, mx.array], dict]:
     """Returns (HF config dict, HF-named tensors, raw GGUF metadata for the tokenizer)."""
-    try:
-        tensors, metadata = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as e:
-        raise MlxfamError(f"{path}: unreadable or truncated GGUF file ({e})") from None
+    gguf_file = read_gguf(path)
+    metadata, tensors = gguf_file.metadata, _mlx_tensors(gguf_file, path)
     config = hf_config_from_metadata(metadata, tensors, path)
     names = _names(metadata, path)
     rope_freqs = tensors.pop("rope_freqs.weight", None)
@@ -103,3 +106,25 @@ def read(path: Path) -> tuple[dict, dict[str, mx.array], dict]:
             tensor = _unpermute_rows(tensor, heads[part])
         weights[_hf_name(name, names, path)] = tensor
     return config, weights, metadata
+
+
+def _mlx_tensors(gguf_file, path: Path) -> dict[str, mx.array]:
+    """The file's tensors under their GGUF names, a single-matrix quantized one as its weight/scales/biases."""
+    tensors, expanded = {}, []
+    for name, info in gguf_file.tensors.items():
+        value = tensor_to_mlx(info, gguf_file.data(name))
+        if not isinstance(value, GGUFQuantized):
+            tensors[name] = value
+        elif len(value.parts) == 1:
+            stem, part = name.removesuffix(".weight"), value.parts[0]
+            tensors[name], tensors[f"{stem}.scales"], tensors[f"{stem}.biases"] = part.weight, part.scales, part.biases
+        else:
+            tensors[name] = value.dequantize().astype(mx.float16)
+            expanded.append(f"{name} ({value.type_name})")
+    if expanded:
+        print(
+            f"mlxfam: warning: {path}: {len(expanded)} tensors of 16-value sub-block types expanded to float16 "
+            f"(no quantized layer for them yet): {', '.join(expanded[:4])}{', ...' if len(expanded) > 4 else ''}",
+            file=sys.stderr,
+        )
+    return tensors

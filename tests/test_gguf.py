@@ -116,7 +116,7 @@ def test_truncated_gguf_names_the_file(tmp_path):
     write_yi_gguf(tmp_path / "yi.gguf", gw.F16)
     data = (tmp_path / "yi.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
-    with pytest.raises(MlxfamError, match=r"cut\.gguf: unreadable or truncated GGUF"):
+    with pytest.raises(MlxfamError, match=r"cut\.gguf: tensor .* lies outside the \d+-byte file \(at byte \d+\)"):
         mlxfam.load(tmp_path / "cut.gguf")
 
 

@@ -51,7 +51,7 @@ _GGUF_CONTROL, _GGUF_USER_DEFINED, _GGUF_BYTE = 3, 4, 6  # tokenizer.ggml.token_
 
 
 def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
-    """The tokenizer stored in a GGUF file's metadata (as `mx.load(path, return_metadata=True)[1]` gives it)."""
+    """The tokenizer stored in a GGUF file's metadata (as `mlxfam.gguf_reader.read_gguf(path).metadata` gives it)."""
     kind = metadata.get("tokenizer.ggml.model")
     tokens = metadata.get("tokenizer.ggml.tokens")
     if not tokens:
