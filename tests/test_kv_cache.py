@@ -620,7 +620,7 @@ def test_8_bit_kv_keeps_the_float16_kv_greedy_tokens(smollm2_fp16, case, kv_grou
 @pytest.mark.end_to_end
 def test_chat_with_quantized_cache_prefills_only_the_new_turn(smollm2_fp16):
     model, tokenizer = smollm2_fp16
-    session = ChatSession(model, tokenizer, max_tokens=12, kv_bits=8)
+    session = ChatSession(model, tokenizer, max_tokens=12, cache_options=mlxfam.CacheOptions(kv_bits=8))
     session.send("What is the capital of France?")
     assert session.cache[0].quantized
     held = len(session.held_ids())
@@ -650,7 +650,7 @@ def test_chat_prompt_cache_resumes_across_processes(smollm2_gguf, tmp_path):
     assert second.returncode == 0, second.stderr
 
     model, tokenizer = mlxfam.load(smollm2_gguf, dtype="float32")
-    session = ChatSession(model, tokenizer, max_tokens=12, kv_bits=8)
+    session = ChatSession(model, tokenizer, max_tokens=12, cache_options=mlxfam.CacheOptions(kv_bits=8))
     replies = []
     for turn in turns:
         session.send(turn)
