@@ -281,7 +281,12 @@ class _Cache:
     A policy places whole units (`Units`): `self.keys` / `self.values` are its buffers, of which the
     first `self.units` are in use; a quantizing cache also holds the float tails of its next block."""
 
-    def __init__(self, bits: int | None, group_size: int, quantized_kv_start: int):
+    def __init__(
+        self,
+        bits: int | None = None,
+        group_size: int = CacheOptions.kv_group_size,
+        quantized_kv_start: int = CacheOptions.quantized_kv_start,
+    ):
         self.keys: Units | None = None
         self.values: Units | None = None
         self.units = 0
@@ -427,11 +432,6 @@ class KVCache(_Cache):
 
     step = 256
 
-    def __init__(
-        self, bits: int | None = None, group_size: int = CacheOptions.kv_group_size, quantized_kv_start: int = 0
-    ):
-        super().__init__(bits, group_size, quantized_kv_start)
-
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Appends `(B, kv_heads, L, head_dim)` keys/values; returns the keys/values this step attends:
         every token so far (arrays, or QuantizedKV once the cache quantizes: see `fetched`)."""
@@ -481,17 +481,11 @@ class RotatingKVCache(_Cache):
     it may hold a block more than `max_size` tokens need (the mask hides what the window excludes).
     """
 
-    def __init__(
-        self,
-        max_size: int,
-        keep: int = 0,
-        bits: int | None = None,
-        group_size: int = CacheOptions.kv_group_size,
-        quantized_kv_start: int = 0,
-    ):
+    def __init__(self, max_size: int, keep: int = 0, **quantization):
+        """`quantization`: bits, group_size, quantized_kv_start, as for a KVCache."""
         if max_size <= keep:
             raise MlxfamError(f"max_kv_size ({max_size}) must be larger than keep ({keep})")
-        super().__init__(bits, group_size, quantized_kv_start)
+        super().__init__(**quantization)
         self.max_size, self.keep = max_size, keep
         self.unit_positions = np.zeros((0, 1), dtype=np.int64)  # absolute positions held by each used unit
         self.tail_positions = np.zeros(0, dtype=np.int64)
