@@ -470,6 +470,17 @@ def test_bad_cache_options_are_refused(tiny, options, message):
         mlxfam.stream_generate(tiny, SilentTokenizer(), TINY_IDS, **options)
 
 
+def test_cache_options_are_one_value_or_keywords(tiny):
+    with pytest.raises(mlxfam.MlxfamError, match=r"kv_bits must be 4 or 8"):
+        mlxfam.CacheOptions(kv_bits=3)
+    options = mlxfam.CacheOptions(kv_bits=8, max_kv_size=16)
+    assert [c.settings for c in tiny.make_cache(options)] == [
+        c.settings for c in tiny.make_cache(kv_bits=8, max_kv_size=16)
+    ]
+    with pytest.raises(mlxfam.MlxfamError, match=r"cache options given twice: a CacheOptions and keywords kv_bits"):
+        tiny.make_cache(options, kv_bits=4)
+
+
 def test_group_size_must_divide_head_dim():
     model, _ = mlxfam.load(GOLDEN / "llama2", dtype="float32")  # head_dim 16
     with pytest.raises(mlxfam.MlxfamError, match=r"kv_group_size 32 does not divide the model's head_dim 16"):
