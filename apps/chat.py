@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TextIO
 
 import mlxfam
+from mlxfam.cache import CacheOptions
 from mlxfam.errors import MlxfamError
-from mlxfam.generate import cache_options
 
 COMMANDS = "/reset clears the conversation, /system TEXT sets the system prompt (no TEXT: none), /quit exits"
 
@@ -39,25 +39,17 @@ class ChatSession:
         system: str | None = None,
         *,
         use_chat_template: bool = True,
-        max_kv_size: int | None = None,
-        kv_bits: int | None = None,
-        kv_group_size: int = 64,
-        quantized_kv_start: int = 0,
+        cache_options: CacheOptions | None = None,
         prompt_cache: str | os.PathLike | None = None,
         **generation_kwargs,
     ):
-        """`generation_kwargs` go to `mlxfam.stream_generate` (temp, max_tokens, stop, ...); the
-        cache options to `model.make_cache`. `prompt_cache`: a file to resume from (if it exists)
+        """`generation_kwargs` go to `mlxfam.stream_generate` (temp, max_tokens, stop, ...);
+        `cache_options` to `model.make_cache` (default: CacheOptions()). `prompt_cache`: a file to resume from (if it exists)
         and to save to after each turn."""
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.use_chat_template = use_chat_template
-        self.cache_settings = {
-            "max_kv_size": max_kv_size,
-            "kv_bits": kv_bits,
-            "kv_group_size": kv_group_size,
-            "quantized_kv_start": quantized_kv_start,
-        }
+        self.cache_options = cache_options or CacheOptions()
         self.generation_kwargs = generation_kwargs
         self.messages: list[dict] = []
         self.cache = None
@@ -68,7 +60,7 @@ class ChatSession:
 
     def resume(self) -> None:
         """Continue the conversation saved in the prompt-cache file (its system prompt too, unless one was given)."""
-        self.cache, saved = mlxfam.load_prompt_cache(self.prompt_cache, self.model, **self.cache_settings)
+        self.cache, saved = mlxfam.load_prompt_cache(self.prompt_cache, self.model, self.cache_options)
         chat = saved.get("chat")
         if chat is None:
             raise MlxfamError(
@@ -106,7 +98,7 @@ class ChatSession:
         held = self.held_ids()
         if held and len(ids) > len(held) and ids[: len(held)] == held:
             return ids[len(held) :]
-        self.cache = self.model.make_cache(**cache_options(**self.cache_settings))
+        self.cache = self.model.make_cache(self.cache_options)
         return ids
 
     def send(self, text: str, on_text: Callable[[str], None] = lambda piece: None):
@@ -124,7 +116,7 @@ class ChatSession:
             self.tokenizer,
             new_ids,
             cache=self.cache,
-            max_kv_size=self.cache_settings["max_kv_size"],
+            max_kv_size=self.cache_options.max_kv_size,
             **self.generation_kwargs,
         )
         self.messages.append(user)

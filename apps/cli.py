@@ -13,7 +13,7 @@ import mlx.core as mx
 
 import mlxfam
 from mlxfam import hub
-from mlxfam.cache import cache_settings
+from mlxfam.cache import CacheOptions
 from mlxfam.convert import convert
 from mlxfam.errors import MlxfamError
 from mlxfam.generate import check_generation_options
@@ -82,7 +82,7 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
         "--max-kv-size",
         type=int,
         metavar="N",
-        help="bound the KV cache to N tokens: the first 4 and the most recent ones",
+        help=f"bound the KV cache to N tokens: the first {CacheOptions.keep} and the most recent ones",
     )
     add_kv_cache_flags(parser)
     parser.add_argument(
@@ -97,25 +97,34 @@ def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-group-size",
         type=int,
-        default=64,
+        default=CacheOptions.kv_group_size,
         metavar="N",
-        help="values per KV quantization group: 32 or 64, dividing the head size (default: 64)",
+        help="values per KV quantization group: 32 or 64, dividing the head size "
+        f"(default: {CacheOptions.kv_group_size})",
     )
     parser.add_argument(
         "--quantized-kv-start",
         type=int,
-        default=0,
+        default=CacheOptions.quantized_kv_start,
         metavar="N",
         help="with --kv-bits, quantize the cache once it holds N tokens (default: 0, from the start)",
     )
 
 
-def kv_cache_options(args: argparse.Namespace) -> dict:
-    return dict(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start)
+def cache_options(args: argparse.Namespace, max_kv_size: int | None = None) -> CacheOptions:
+    """The KV cache flags' options (`max_kv_size`: the generating commands' --max-kv-size), checked
+    before the (slow) model load."""
+    return CacheOptions(
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+        max_kv_size=max_kv_size,
+        quantized_kv_start=args.quantized_kv_start,
+    )
 
 
 def generation_options(args: argparse.Namespace) -> dict:
-    """The stream_generate keyword arguments from the flags, checked before the (slow) model load."""
+    """The stream_generate keyword arguments from the flags but the cache options, checked before
+    the (slow) model load."""
     options = dict(
         max_tokens=args.max_tokens,
         temp=args.temp,
@@ -127,8 +136,6 @@ def generation_options(args: argparse.Namespace) -> dict:
         seed=args.seed,
         stop=tuple(args.stop),
         prefill_step_size=args.prefill_step_size,
-        max_kv_size=args.max_kv_size,
-        **kv_cache_options(args),
     )
     check_generation_options(**options)
     return options
@@ -136,6 +143,7 @@ def generation_options(args: argparse.Namespace) -> dict:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     options = generation_options(args)
+    kv_options = cache_options(args, args.max_kv_size)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_model(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -145,7 +153,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.verbose:
         print(tokenizer.decode(prompt), file=sys.stderr)
     response = None
-    for response in mlxfam.stream_generate(model, tokenizer, prompt, **options):
+    cache = model.make_cache(kv_options)
+    responses = mlxfam.stream_generate(
+        model, tokenizer, prompt, cache=cache, max_kv_size=kv_options.max_kv_size, **options
+    )
+    for response in responses:
         print(response.text, end="", flush=True)
     print(flush=True)
     if not args.quiet and response is not None:
@@ -154,12 +166,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     options = generation_options(args)
+    kv_options = cache_options(args, args.max_kv_size)
     model, tokenizer = load_model(args)
     session = ChatSession(
         model,
         tokenizer,
         args.system,
         use_chat_template=not args.no_chat_template,
+        cache_options=kv_options,
         prompt_cache=args.prompt_cache,
         **options,
     )
@@ -273,12 +287,12 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         text = Path(args.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise MlxfamError(f"{args.file}: cannot read the text ({e})") from None
-    cache_settings(**kv_cache_options(args))  # bad cache flags fail before the (slow) model load
+    kv_options = cache_options(args)
     model, tokenizer = load_model(args)
     if tokenizer is None:
         raise MlxfamError(f"{args.model}: the checkpoint has no tokenizer to turn the text into tokens")
     tokens = tokenizer.encode(text)[: args.tokens]
-    cache = model.make_cache(**kv_cache_options(args))
+    cache = model.make_cache(kv_options)
     ppl = mlxfam.perplexity(model, tokens, chunk_size=args.chunk_size, cache=cache)
     whole = f"; the whole text, shorter than the {args.tokens} asked" if len(tokens) < args.tokens else ""
     print(f"tokens: {len(tokens)} ({len(tokens) - 1} predicted{whole})")

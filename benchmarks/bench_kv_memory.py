@@ -5,7 +5,7 @@ The model is a synthetic Llama (random float16 weights, seeded) written once as 
 directory that both runtimes load. Each runtime prefills the same random prompt in chunks of
 --prefill-step-size tokens, as generation does (the logits are never computed; each chunk ends by
 evaluating the cache), once with a float16 cache and once with a quantized one (mlxfam:
-`model.make_cache(kv_bits=..., kv_group_size=...)`; mlx-lm: `mlx_lm.models.cache.QuantizedKVCache`).
+`model.make_cache(CacheOptions(kv_bits=..., kv_group_size=...))`; mlx-lm: `mlx_lm.models.cache.QuantizedKVCache`).
 Printed per run: the cache's bytes, and the peak memory of the prefill, in total and above the
 memory held before it (the weights).
 
@@ -35,6 +35,7 @@ from mlx_lm.models.cache import QuantizedKVCache as LmQuantizedKVCache
 from mlx_lm.utils import load_model as lm_load_model
 
 import mlxfam
+from mlxfam import CacheOptions
 
 
 def write_model(directory: Path, args: argparse.Namespace) -> Path:
@@ -95,7 +96,7 @@ def load(runtime: str, directory: Path):
 
 def make_cache(runtime: str, model, kv_bits: int | None, group_size: int) -> list:
     if runtime == "mlxfam":
-        return model.make_cache() if kv_bits is None else model.make_cache(kv_bits=kv_bits, kv_group_size=group_size)
+        return model.make_cache(CacheOptions(kv_bits=kv_bits, kv_group_size=group_size))
     if kv_bits is None:
         return [LmKVCache() for _ in model.layers]
     return [LmQuantizedKVCache(group_size=group_size, bits=kv_bits) for _ in model.layers]
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=8192, help="prompt tokens to prefill (default: 8192)")
     parser.add_argument("--prefill-step-size", type=int, default=512)
     parser.add_argument("--kv-bits", type=int, default=4, choices=(4, 8))
-    parser.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64))
+    parser.add_argument("--kv-group-size", type=int, default=CacheOptions.kv_group_size, choices=(32, 64))
     parser.add_argument("--runtimes", default="mlxfam,mlx-lm", help="comma-separated: mlxfam, mlx-lm")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

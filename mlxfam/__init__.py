@@ -5,6 +5,7 @@ ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_gen
 print(mlxfam.generate(model, tokenizer, ids, max_tokens=64))
 """
 
+from .cache import CacheOptions
 from .convert import convert
 from .errors import MlxfamError
 from .generate import GenerationResponse, generate, generate_step, stream_generate
@@ -14,6 +15,7 @@ from .prompt_cache import load_prompt_cache, save_prompt_cache
 from .tokenizer import Tokenizer
 
 __all__ = [
+    "CacheOptions",
     "GenerationResponse",
     "MlxfamError",
     "Tokenizer",

@@ -1,4 +1,4 @@
-"""KV caches. A model makes one per layer with `model.make_cache(...)` (see `make_kv_cache`).
+"""KV caches. A model makes one per layer with `model.make_cache(options)` (see `CacheOptions`).
 
 Two slot policies:
 
@@ -48,6 +48,8 @@ The arrays handed to attention are views of preallocated buffers (sliced on the 
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -193,53 +195,84 @@ def check_integer(name: str, value, minimum: int) -> None:
         raise MlxfamError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def cache_settings(
-    *,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-    max_kv_size: int | None = None,
-    keep: int = 4,
-    quantized_kv_start: int = 0,
-    head_dim: int | None = None,
-) -> dict:
-    """Checks the cache options (`head_dim`: the model's, when known) and returns the ones that
-    matter, normalised: `make_kv_cache(**settings)` rebuilds the same kind of cache."""
-    if kv_bits is not None and (isinstance(kv_bits, bool) or kv_bits not in KV_BITS):
-        raise MlxfamError(f"kv_bits must be 4 or 8 (or None for an unquantized cache), got {kv_bits!r}")
-    if isinstance(kv_group_size, bool) or kv_group_size not in KV_GROUP_SIZES:
-        raise MlxfamError(f"kv_group_size must be 32 or 64, got {kv_group_size!r}")
-    check_integer("quantized_kv_start", quantized_kv_start, minimum=0)
-    if max_kv_size is not None:
-        check_integer("max_kv_size", max_kv_size, minimum=1)
-        check_integer("keep", keep, minimum=0)
-        if max_kv_size <= keep:
-            raise MlxfamError(f"max_kv_size ({max_kv_size}) must be larger than keep ({keep})")
-    if kv_bits is not None and head_dim is not None and head_dim % kv_group_size:
-        raise MlxfamError(
-            f"kv_group_size {kv_group_size} does not divide the model's head_dim {head_dim}, "
-            "so its values cannot be quantized in groups of that size"
-        )
-    settings: dict = {"kv_bits": kv_bits, "max_kv_size": max_kv_size}
-    if kv_bits is not None:
-        settings.update(kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
-    if max_kv_size is not None:
-        settings["keep"] = keep
-    return settings
+@dataclass(frozen=True)
+class CacheOptions:
+    """How a model's KV cache stores keys and values, checked once here (`model.make_cache(options)`
+    builds each layer's cache from them; `head_dim` is checked there).
 
+    `kv_bits` (4 or 8) quantizes keys and values in groups of `kv_group_size` (32 or 64, dividing
+    head_dim), from the moment the cache holds `quantized_kv_start` tokens; `max_kv_size` bounds the
+    cache (a `RotatingKVCache`: the first `keep` tokens always stay)."""
 
-def make_kv_cache(num_layers: int, head_dim: int | None = None, **options) -> list:
-    """One cache per layer from the `cache_settings` options, checked first."""
-    settings = cache_settings(head_dim=head_dim, **options)
-    quantization = {}
-    if settings["kv_bits"] is not None:
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    max_kv_size: int | None = None
+    keep: int = 4
+    quantized_kv_start: int = 0
+
+    def __post_init__(self):
+        if self.kv_bits is not None and (isinstance(self.kv_bits, bool) or self.kv_bits not in KV_BITS):
+            raise MlxfamError(f"kv_bits must be 4 or 8 (or None for an unquantized cache), got {self.kv_bits!r}")
+        if isinstance(self.kv_group_size, bool) or self.kv_group_size not in KV_GROUP_SIZES:
+            raise MlxfamError(f"kv_group_size must be 32 or 64, got {self.kv_group_size!r}")
+        check_integer("quantized_kv_start", self.quantized_kv_start, minimum=0)
+        if self.max_kv_size is not None:
+            check_integer("max_kv_size", self.max_kv_size, minimum=1)
+            check_integer("keep", self.keep, minimum=0)
+            if self.max_kv_size <= self.keep:
+                raise MlxfamError(f"max_kv_size ({self.max_kv_size}) must be larger than keep ({self.keep})")
+
+    @classmethod
+    def given(cls, options: CacheOptions | None, keywords: dict) -> CacheOptions:
+        """`options`, or the options `keywords` name (the keyword form of `make_cache`), not both."""
+        if options is None:
+            return cls(**keywords)
+        if keywords:
+            raise MlxfamError(f"cache options given twice: a CacheOptions and keywords {', '.join(sorted(keywords))}")
+        if not isinstance(options, CacheOptions):
+            raise MlxfamError(f"cache options must be a CacheOptions, got {options!r}")
+        return options
+
+    @property
+    def keywords(self) -> dict:
+        """The options that differ from the defaults, as `make_cache` keywords: the bare call
+        `make_cache()` when none do, as a model following mlx-lm's protocol expects."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if self.kv_bits is not None and head_dim % self.kv_group_size:
+            raise MlxfamError(
+                f"kv_group_size {self.kv_group_size} does not divide the model's head_dim {head_dim}, "
+                "so its values cannot be quantized in groups of that size"
+            )
+
+    def layer_cache(self, window: int | None = None) -> KVCache | RotatingKVCache:
+        """The cache of one layer. `window`: the layer attends only its last `window` keys and keeps
+        only those, in a rotating cache of `window` slots (keep 0), where the `max_kv_size` bound
+        does not cut tighter: then it sees exactly what it would see in the bounded cache."""
         quantization = {
-            "bits": settings["kv_bits"],
-            "group_size": settings["kv_group_size"],
-            "quantized_kv_start": settings["quantized_kv_start"],
+            "bits": self.kv_bits,
+            "group_size": self.kv_group_size,
+            "quantized_kv_start": self.quantized_kv_start,
         }
-    if settings["max_kv_size"] is None:
-        return [KVCache(**quantization) for _ in range(num_layers)]
-    return [RotatingKVCache(settings["max_kv_size"], settings["keep"], **quantization) for _ in range(num_layers)]
+        if window is not None and (self.max_kv_size is None or window <= self.max_kv_size - self.keep):
+            return RotatingKVCache(window, 0, **quantization)
+        if self.max_kv_size is None:
+            return KVCache(**quantization)
+        return RotatingKVCache(self.max_kv_size, self.keep, **quantization)
+
+
+def layer_cache_from_settings(settings: dict, source: str) -> KVCache | RotatingKVCache:
+    """The empty cache whose `settings` these are (as a prompt cache file records them): each kind
+    is the uniform cache of the options it names."""
+    options = {name: value for name, value in settings.items() if name != "kind"}
+    try:
+        cache = CacheOptions(**options).layer_cache()
+    except TypeError:
+        cache = None
+    if cache is None or cache.settings != settings:
+        raise MlxfamError(f"{source}: cache settings {settings} describe no cache mlxfam makes")
+    return cache
 
 
 class _Cache:
@@ -248,7 +281,12 @@ class _Cache:
     A policy places whole units (`Units`): `self.keys` / `self.values` are its buffers, of which the
     first `self.units` are in use; a quantizing cache also holds the float tails of its next block."""
 
-    def __init__(self, bits: int | None, group_size: int, quantized_kv_start: int):
+    def __init__(
+        self,
+        bits: int | None = None,
+        group_size: int = CacheOptions.kv_group_size,
+        quantized_kv_start: int = CacheOptions.quantized_kv_start,
+    ):
         self.keys: Units | None = None
         self.values: Units | None = None
         self.units = 0
@@ -344,12 +382,12 @@ class _Cache:
 
     @property
     def settings(self) -> dict:
-        return cache_settings(
-            kv_bits=self.bits,
-            kv_group_size=self.group_size,
-            quantized_kv_start=self.quantized_kv_start,
-            **self._slot_settings(),
-        )
+        """This cache's kind and the options that shape it (CacheOptions' names; the group size and
+        start only when it quantizes): what a prompt cache file records of each layer."""
+        settings = {"kind": type(self).__name__, "kv_bits": self.bits}
+        if self.bits is not None:
+            settings.update(kv_group_size=self.group_size, quantized_kv_start=self.quantized_kv_start)
+        return settings | self._slot_settings()
 
     def _slot_settings(self) -> dict:
         return {}
@@ -393,9 +431,6 @@ class KVCache(_Cache):
     """Every token, in order. Buffers grow in steps of `step` slots; each step writes in place."""
 
     step = 256
-
-    def __init__(self, bits: int | None = None, group_size: int = 64, quantized_kv_start: int = 0):
-        super().__init__(bits, group_size, quantized_kv_start)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Appends `(B, kv_heads, L, head_dim)` keys/values; returns the keys/values this step attends:
@@ -446,17 +481,11 @@ class RotatingKVCache(_Cache):
     it may hold a block more than `max_size` tokens need (the mask hides what the window excludes).
     """
 
-    def __init__(
-        self,
-        max_size: int,
-        keep: int = 0,
-        bits: int | None = None,
-        group_size: int = 64,
-        quantized_kv_start: int = 0,
-    ):
+    def __init__(self, max_size: int, keep: int = 0, **quantization):
+        """`quantization`: bits, group_size, quantized_kv_start, as for a KVCache."""
         if max_size <= keep:
             raise MlxfamError(f"max_kv_size ({max_size}) must be larger than keep ({keep})")
-        super().__init__(bits, group_size, quantized_kv_start)
+        super().__init__(**quantization)
         self.max_size, self.keep = max_size, keep
         self.unit_positions = np.zeros((0, 1), dtype=np.int64)  # absolute positions held by each used unit
         self.tail_positions = np.zeros(0, dtype=np.int64)

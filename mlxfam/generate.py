@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .cache import cache_settings
+from .cache import CacheOptions
 from .cache import check_integer as _check_integer
 from .errors import MlxfamError
 from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler, validate_sampling
@@ -123,7 +123,7 @@ def stream_generate(
     prefill_step_size: int = 512,
     max_kv_size: int | None = None,
     kv_bits: int | None = None,
-    kv_group_size: int = 64,
+    kv_group_size: int = CacheOptions.kv_group_size,
     quantized_kv_start: int = 0,
     cache=None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
@@ -134,9 +134,10 @@ def stream_generate(
     `tokenizer.encode`. A given `cache` is extended in place: only the new prompt ids are
     prefilled, and afterwards it holds the prompt and every generated token (the EOS or the
     token that completed a stop string included). Without one, the cache is
-    `model.make_cache(...)` with `max_kv_size`, `kv_bits`, `kv_group_size` and
-    `quantized_kv_start` (see CausalLM.make_cache); with a given cache these make no new one, and
-    `max_kv_size` only says that the cache is bounded, which lifts the context-length check.
+    `model.make_cache(...)` with the CacheOptions of `max_kv_size`, `kv_bits`, `kv_group_size` and
+    `quantized_kv_start`, passed as the keywords that differ from the defaults (mlx-lm's protocol);
+    with a given cache these make no new one, and `max_kv_size` only says that the cache is
+    bounded, which lifts the context-length check.
     """
     check_generation_options(
         max_tokens=max_tokens,
@@ -148,10 +149,9 @@ def stream_generate(
         repetition_context_size=repetition_context_size,
         stop=stop,
         prefill_step_size=prefill_step_size,
-        max_kv_size=max_kv_size,
-        kv_bits=kv_bits,
-        kv_group_size=kv_group_size,
-        quantized_kv_start=quantized_kv_start,
+    )
+    cache_options = CacheOptions(
+        kv_bits=kv_bits, kv_group_size=kv_group_size, max_kv_size=max_kv_size, quantized_kv_start=quantized_kv_start
     )
     stop_strings = (stop,) if isinstance(stop, str) else tuple(stop)
     sampler = make_sampler(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -159,14 +159,7 @@ def stream_generate(
     processors += list(logits_processors or [])
     prompt_ids = _as_token_array(tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
     if cache is None:
-        cache = model.make_cache(
-            **cache_options(
-                max_kv_size=max_kv_size,
-                kv_bits=kv_bits,
-                kv_group_size=kv_group_size,
-                quantized_kv_start=quantized_kv_start,
-            )
-        )
+        cache = model.make_cache(**cache_options.keywords)
     if max_kv_size is None:
         max_tokens = _fit_to_context(model, cache, prompt_ids.size, max_tokens)
     token_generator = generate_step(
@@ -260,34 +253,17 @@ def check_generation_options(
     repetition_context_size: int = 20,
     stop: Sequence[str] = (),
     prefill_step_size: int = 512,
-    max_kv_size: int | None = None,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
     seed: int | None = None,
 ) -> None:
-    """Raises MlxfamError naming the first bad `stream_generate` argument (callers such as the
-    CLI check before the slow model load)."""
+    """Raises MlxfamError naming the first bad `stream_generate` argument but the cache options
+    (CacheOptions checks those; callers such as the CLI check both before the slow model load)."""
     stop_strings = (stop,) if isinstance(stop, str) else tuple(stop)
     if any(not isinstance(s, str) or not s for s in stop_strings):
         raise MlxfamError(f"stop must be non-empty strings, got {stop!r}")
     _check_integer("max_tokens", max_tokens, minimum=0)
     _check_integer("prefill_step_size", prefill_step_size, minimum=1)
-    cache_settings(
-        max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start
-    )
     validate_sampling(temp, top_k, top_p, min_p)
     make_logits_processors(repetition_penalty, repetition_context_size)  # validates both
-
-
-def cache_options(
-    *, max_kv_size: int | None = None, kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0
-) -> dict:
-    """The `model.make_cache` keywords that these options ask for: only those that change the cache."""
-    options = {} if max_kv_size is None else {"max_kv_size": max_kv_size}
-    if kv_bits is not None:
-        options.update(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
-    return options
 
 
 def _as_token_array(prompt_ids) -> mx.array:

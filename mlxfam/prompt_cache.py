@@ -2,7 +2,7 @@
 this or another process) for the same model and cache settings only.
 
     save_prompt_cache("chat.cache", cache, model, metadata={"note": "anything JSON"})
-    cache, metadata = load_prompt_cache("chat.cache", model, kv_bits=8)
+    cache, metadata = load_prompt_cache("chat.cache", model, CacheOptions(kv_bits=8))
 
 The file holds tensors `layers.{i}.{name}`, each layer's exported arrays ("keys"/"values", or
 their packed "keys.data"/"keys.scales"/"keys.biases"/"keys.tail"..., and a rotating cache's
@@ -12,8 +12,9 @@ and one JSON string in the safetensors metadata under `METADATA_KEY`:
     format, version
     model      the identity of the model it was made with: model class, its ModelConfig, the
                dtypes of its parameters and a fingerprint of their values
-    layers     per layer: settings (the `make_cache` options: kv_bits, kv_group_size,
-               quantized_kv_start, max_kv_size, keep), offset, family_state
+    layers     per layer: settings (the layer cache's own: its kind, KVCache or RotatingKVCache,
+               and kv_bits, kv_group_size, quantized_kv_start, max_kv_size, keep as it has them),
+               offset, family_state
     metadata   the caller's JSON values (the chat app keeps its conversation there)
 """
 
@@ -30,12 +31,12 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache import cache_settings, make_kv_cache
+from .cache import CacheOptions, layer_cache_from_settings
 from .errors import MlxfamError
 
 METADATA_KEY = "mlxfam.prompt_cache"
 FORMAT = "mlxfam-prompt-cache"
-VERSION = 2  # 2: quantized keys per channel in blocks, with a float tail
+VERSION = 3  # 2: quantized keys per channel in blocks, with a float tail; 3: each layer's cache kind
 FINGERPRINT_VALUES = 64  # leading values of each parameter that go into the fingerprint
 
 
@@ -92,12 +93,15 @@ def save_prompt_cache(path: str | os.PathLike, cache: list, model, metadata: dic
             os.remove(tmp)
 
 
-def load_prompt_cache(path: str | os.PathLike, model, **settings) -> tuple[list, dict]:
+def load_prompt_cache(
+    path: str | os.PathLike, model, options: CacheOptions | None = None, **keywords
+) -> tuple[list, dict]:
     """The cache saved at `path` and the caller's metadata saved with it.
 
     Refuses, naming what differs, a file made for another model (class, config field, dtype or
-    weights) and, when `settings` (the `make_cache` options) are given, one whose cache settings
-    differ from them."""
+    weights) and, when cache options are given (`options` or their keywords, as `model.make_cache`
+    takes them), one in which a layer's cache differs from the one `model.make_cache(options)` builds
+    for that layer. Without options each layer's cache is rebuilt as it was saved."""
     source = str(path)
     if not Path(path).is_file():
         raise MlxfamError(f"prompt cache {source}: no such file")
@@ -111,21 +115,24 @@ def load_prompt_cache(path: str | os.PathLike, model, **settings) -> tuple[list,
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise MlxfamError(
             f"prompt cache {source}: format {header.get('format')!r} version {header.get('version')!r}, "
-            f"expected {FORMAT!r} version {VERSION}"
+            f"expected {FORMAT!r} version {VERSION} (a file of another version must be made again)"
         )
     _check_identity(header["model"], model_identity(model), source)
     if len(header["layers"]) != len(model.layers):
         raise MlxfamError(f"prompt cache {source} has {len(header['layers'])} layers, the model {len(model.layers)}")
-    if settings:
-        expected = cache_settings(**settings)
-        _check_settings(header["layers"][0]["settings"], expected, source)
-    cache = []
-    for i, info in enumerate(header["layers"]):
-        layer = make_kv_cache(1, **info["settings"])[0]
+    if options is None and not keywords:
+        cache = [
+            layer_cache_from_settings(info["settings"], f"prompt cache {source}: layer {i}")
+            for i, info in enumerate(header["layers"])
+        ]
+    else:
+        cache = model.make_cache(options, **keywords)
+        for i, (layer, info) in enumerate(zip(cache, header["layers"])):
+            _check_settings(info["settings"], layer.settings, f"prompt cache {source}", i)
+    for i, (layer, info) in enumerate(zip(cache, header["layers"])):
         prefix = f"layers.{i}."
         layer_arrays = {name[len(prefix) :]: a for name, a in arrays.items() if name.startswith(prefix)}
         layer.restore(layer_arrays, info, f"prompt cache {source}: layer {i}")
-        cache.append(layer)
     return cache, header["metadata"]
 
 
@@ -152,11 +159,11 @@ def _check_identity(saved: dict, current: dict, source: str) -> None:
         )
 
 
-def _check_settings(saved: dict, expected: dict, source: str) -> None:
+def _check_settings(saved: dict, expected: dict, source: str, layer: int) -> None:
     differing = [
         f"{name}={saved.get(name)!r} (asked for {expected.get(name)!r})"
         for name in sorted(saved.keys() | expected.keys())
         if saved.get(name) != expected.get(name)
     ]
     if differing:
-        raise MlxfamError(f"prompt cache {source} was saved with other cache settings: {', '.join(differing)}")
+        raise MlxfamError(f"{source} was saved with other cache settings: layer {layer} has {', '.join(differing)}")

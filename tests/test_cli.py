@@ -137,7 +137,7 @@ class FakeLayerCache:
 
 
 class FakeModel:
-    def make_cache(self, max_kv_size=None):
+    def make_cache(self, options=None):
         return [FakeLayerCache(), FakeLayerCache()]
 
 

@@ -470,6 +470,17 @@ def test_bad_cache_options_are_refused(tiny, options, message):
         mlxfam.stream_generate(tiny, SilentTokenizer(), TINY_IDS, **options)
 
 
+def test_cache_options_are_one_value_or_keywords(tiny):
+    with pytest.raises(mlxfam.MlxfamError, match=r"kv_bits must be 4 or 8"):
+        mlxfam.CacheOptions(kv_bits=3)
+    options = mlxfam.CacheOptions(kv_bits=8, max_kv_size=16)
+    assert [c.settings for c in tiny.make_cache(options)] == [
+        c.settings for c in tiny.make_cache(kv_bits=8, max_kv_size=16)
+    ]
+    with pytest.raises(mlxfam.MlxfamError, match=r"cache options given twice: a CacheOptions and keywords kv_bits"):
+        tiny.make_cache(options, kv_bits=4)
+
+
 def test_group_size_must_divide_head_dim():
     model, _ = mlxfam.load(GOLDEN / "llama2", dtype="float32")  # head_dim 16
     with pytest.raises(mlxfam.MlxfamError, match=r"kv_group_size 32 does not divide the model's head_dim 16"):
@@ -528,6 +539,89 @@ def test_prompt_cache_resumes_in_a_new_process(tiny, tiny_dir, tmp_path, setting
     resumed = json.loads(result.stdout)
     assert resumed == {"metadata": {"turns": ["hi"]}, "family_state": {"ntk_alpha": 1.5}, "offset": 14}
     np.testing.assert_array_equal(np.load(out), here)
+
+
+# Per-layer caches: the gemma2 fixture's layers 0 and 2 slide over 8 keys, layer 1 is global; with
+# window caches its sliding layers keep only their window (rotating caches of 8 slots).
+WINDOW_RESUME = """
+import json, sys
+import mlx.core as mx, numpy as np
+import mlxfam
+model_dir, cache_file, settings, token, out = sys.argv[1:]
+model, _ = mlxfam.load(model_dir, dtype="float32")
+model.window_caches = True
+cache, _ = mlxfam.load_prompt_cache(cache_file, model, mlxfam.CacheOptions(**json.loads(settings)))
+np.save(out, np.array(model(mx.array([[int(token)]]), cache=cache)))
+print(json.dumps([layer.settings for layer in cache]))
+"""
+SLIDING = {"kind": "RotatingKVCache", "kv_bits": None, "max_kv_size": 8, "keep": 0}
+GLOBAL = {"kind": "KVCache", "kv_bits": None}
+
+
+@pytest.fixture
+def window_cached():
+    model, _ = mlxfam.load(GOLDEN / "gemma2", dtype="float32")
+    model.window_caches = True
+    return model
+
+
+def test_window_caches_keep_the_original_logits(window_cached):
+    """transformers' Gemma 2 logits (its hybrid cache also holds a window per sliding layer), with a
+    12-token prompt past the window of 8 and four cached decode steps."""
+    golden = np.load(GOLDEN / "gemma2" / "golden.npz")
+    cache = window_cached.make_cache()
+    assert [layer.settings for layer in cache] == [SLIDING, GLOBAL, SLIDING]
+    prefill = window_cached(mx.array(golden["input_ids"], dtype=mx.int32), cache=cache)
+    steps = [window_cached(mx.array([[int(t)]]), cache=cache)[0, -1] for t in golden["decode_ids"]]
+    np.testing.assert_allclose(np.array(prefill), golden["prefill_logits"], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.array(mx.stack(steps)), golden["decode_logits"], atol=1e-4, rtol=1e-4)
+    config = window_cached.config  # the sliding layers hold 8 slots of float32 keys and values
+    assert cache[0].offset == cache[1].offset == 16
+    assert cache[0].nbytes == cache[2].nbytes == 2 * config.num_kv_heads * 8 * config.head_dim * 4
+
+
+@pytest.mark.parametrize("settings", [{}, {"kv_bits": 8, "kv_group_size": 32}, {"max_kv_size": 12, "keep": 4}])
+def test_prompt_cache_of_per_layer_caches_resumes_in_a_new_process(window_cached, tmp_path, settings):
+    options = mlxfam.CacheOptions(**settings)
+    cache = window_cached.make_cache(options)
+    window_cached(mx.array([TINY_IDS], dtype=mx.int32), cache=cache)
+    window_cached(mx.array([[21]], dtype=mx.int32), cache=cache)
+    path = tmp_path / "prompt.cache"
+    mlxfam.save_prompt_cache(path, cache, window_cached)
+    here = np.array(window_cached(mx.array([[400]], dtype=mx.int32), cache=cache))
+
+    out = tmp_path / "logits.npy"
+    command = [sys.executable, "-c", WINDOW_RESUME, str(GOLDEN / "gemma2"), str(path), json.dumps(settings), "400"]
+    result = subprocess.run([*command, str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    settings_here = [layer.settings for layer in cache]
+    assert settings_here[0] == settings_here[2] != settings_here[1] and settings_here[0]["max_kv_size"] == 8
+    assert json.loads(result.stdout) == settings_here
+    np.testing.assert_array_equal(np.load(out), here)
+
+
+def test_prompt_cache_with_another_layer_cache_is_refused(window_cached, tmp_path):
+    path = tmp_path / "window.cache"
+    cache = window_cached.make_cache(max_kv_size=12)
+    window_cached(mx.array([TINY_IDS[:4]], dtype=mx.int32), cache=cache)
+    mlxfam.save_prompt_cache(path, cache, window_cached)
+    as_saved, _ = mlxfam.load_prompt_cache(path, window_cached)
+    assert [layer.settings for layer in as_saved] == [layer.settings for layer in cache]
+    with pytest.raises(mlxfam.MlxfamError, match=r"other cache settings: layer 1 has max_kv_size=12 \(asked for 13\)$"):
+        mlxfam.load_prompt_cache(path, window_cached, max_kv_size=13)
+    full, _ = mlxfam.load(GOLDEN / "gemma2", dtype="float32")  # every layer in a bounded cache of 12
+    with pytest.raises(
+        mlxfam.MlxfamError, match=r"other cache settings: layer 0 has keep=0 \(asked for 4\), max_kv_size=8 \(asked"
+    ):
+        mlxfam.load_prompt_cache(path, full, mlxfam.CacheOptions(max_kv_size=12))
+
+
+def test_prompt_cache_of_another_version_is_refused(tiny, tmp_path):
+    path = tmp_path / "old.safetensors"  # mx.save_safetensors adds that suffix to other names
+    header = {"format": "mlxfam-prompt-cache", "version": 2}
+    mx.save_safetensors(str(path), {"x": mx.zeros(1)}, metadata={"mlxfam.prompt_cache": json.dumps(header)})
+    with pytest.raises(mlxfam.MlxfamError, match=r"version 2, expected 'mlxfam-prompt-cache' version 3 \(a file"):
+        mlxfam.load_prompt_cache(path, tiny)
 
 
 def saved_cache(model, path: Path, **settings) -> Path:
@@ -620,7 +714,7 @@ def test_8_bit_kv_keeps_the_float16_kv_greedy_tokens(smollm2_fp16, case, kv_grou
 @pytest.mark.end_to_end
 def test_chat_with_quantized_cache_prefills_only_the_new_turn(smollm2_fp16):
     model, tokenizer = smollm2_fp16
-    session = ChatSession(model, tokenizer, max_tokens=12, kv_bits=8)
+    session = ChatSession(model, tokenizer, max_tokens=12, cache_options=mlxfam.CacheOptions(kv_bits=8))
     session.send("What is the capital of France?")
     assert session.cache[0].quantized
     held = len(session.held_ids())
@@ -650,7 +744,7 @@ def test_chat_prompt_cache_resumes_across_processes(smollm2_gguf, tmp_path):
     assert second.returncode == 0, second.stderr
 
     model, tokenizer = mlxfam.load(smollm2_gguf, dtype="float32")
-    session = ChatSession(model, tokenizer, max_tokens=12, kv_bits=8)
+    session = ChatSession(model, tokenizer, max_tokens=12, cache_options=mlxfam.CacheOptions(kv_bits=8))
     replies = []
     for turn in turns:
         session.send(turn)

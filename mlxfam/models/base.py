@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..attention import attend
-from ..cache import KVCache, attention_mask, make_kv_cache
+from ..cache import CacheOptions, KVCache, attention_mask
 from ..errors import MlxfamError
 from .rope import RopeConfig, RotaryEmbedding
 
@@ -223,6 +223,9 @@ class CausalLM(nn.Module):
 
     # True where the first forward must see the whole prompt at once (generation does not chunk it).
     whole_prompt_prefill = False
+    # True where a sliding-window layer's cache holds only its window (a rotating cache) rather than
+    # every token; the layer attends the same keys either way.
+    window_caches = False
 
     def __init__(self, cfg: ModelConfig, model: nn.Module):
         super().__init__()
@@ -239,27 +242,14 @@ class CausalLM(nn.Module):
     def context_length(self) -> int | None:
         return self.config.max_position_embeddings
 
-    def make_cache(
-        self,
-        *,
-        kv_bits: int | None = None,
-        kv_group_size: int = 64,
-        max_kv_size: int | None = None,
-        keep: int = 4,
-        quantized_kv_start: int = 0,
-    ) -> list:
-        """One cache per layer. `kv_bits` (4 or 8) quantizes keys and values in groups of
-        `kv_group_size` (32 or 64, dividing head_dim), from the moment the cache holds
-        `quantized_kv_start` tokens; `max_kv_size` bounds it (the first `keep` tokens always stay)."""
-        return make_kv_cache(
-            len(self.layers),
-            self.config.head_dim,
-            kv_bits=kv_bits,
-            kv_group_size=kv_group_size,
-            max_kv_size=max_kv_size,
-            keep=keep,
-            quantized_kv_start=quantized_kv_start,
-        )
+    def make_cache(self, options: CacheOptions | None = None, **keywords) -> list:
+        """One cache per layer, from `options` or the same options as keywords (mlx-lm's form:
+        `make_cache(kv_bits=8)`; see CacheOptions). With `window_caches`, a sliding-window layer
+        keeps only its window (`CacheOptions.layer_cache`)."""
+        options = CacheOptions.given(options, keywords)
+        options.check_head_dim(self.config.head_dim)
+        windows = self.config.sliding_windows if self.window_caches else (None,) * len(self.layers)
+        return [options.layer_cache(window) for window in windows]
 
     def logits(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:
