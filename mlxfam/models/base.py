@@ -44,6 +44,7 @@ class ModelConfig:
     attention_softcap: float | None = None  # scores -> c * tanh(scores / c) before the mask
     final_softcap: float | None = None  # logits -> c * tanh(logits / c)
     embedding_scale: float | None = None  # embeddings x this, cast to the activation dtype first
+    qk_norm: bool = False  # a `norm` over head_dim on each head's query and key, before rotary (Gemma 3, Qwen 3)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -95,7 +96,8 @@ def require(hf: dict, *keys: str):
 
 class Attention(nn.Module):
     """Multi-head attention with GQA. A family changes one step by overriding it:
-    `project_qkv` (fused or biased projections), `rotate` (its rotary variant) or `attend`."""
+    `project_qkv` (fused or biased projections), `rotate` (its rotary variant) or `attend`.
+    With `qk_norm`, `q_norm` / `k_norm` normalise each head's queries and keys before rotary."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -109,6 +111,10 @@ class Attention(nn.Module):
         o_bias = bias if cfg.o_proj_bias is None else cfg.o_proj_bias
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=o_bias)
         self.rope = RotaryEmbedding(cfg.rope) if cfg.rope is not None else None  # None: ALiBi or absolute
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = make_norm(cfg, cfg.head_dim)
+            self.k_norm = make_norm(cfg, cfg.head_dim)
 
     def project_qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -128,6 +134,8 @@ class Attention(nn.Module):
         q = q.reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = k.reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = v.reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             q, k = self.rotate(q, k, cache)
         out = self.attend(q, k, v, mask, cache)
