@@ -22,9 +22,6 @@ from ..errors import MlxfamError
 
 KERNELS_ENV = "MLXFAM_KERNELS"
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)  # what every kernel takes and computes in
-# The quantized KV cache's packings (its layout: `mlxfam.cache`), each of which the kernels are built for.
-KV_BITS = (4, 8)
-KV_GROUP_SIZES = (32, 64)
 CHOICES = ("auto", "reference", "kernel")
 
 
@@ -72,9 +69,14 @@ def source(name: str) -> str:
 
 
 @cache
-def sections(kernel: str, kind: str) -> dict[str, str]:
-    """Kernel `kernel`'s source for backend `kind` ("metal": `{kernel}.metal`, "cuda": `{kernel}.cu`)
-    split on its `//@ <name>` lines: "header" (helpers before the bodies) and one body per kernel."""
-    text = source(f"{kernel}.metal" if kind == "metal" else f"{kernel}.cu")
-    parts = re.split(r"^//@ (\w+)\n", text, flags=re.MULTILINE)
-    return dict(zip(parts[1::2], parts[2::2]))
+def sections(kind: str, *kernels: str) -> dict[str, str]:
+    """The sources of `kernels` (e.g. "rope", "kv_write") for backend `kind` ("metal": `{kernel}.metal`,
+    "cuda": `{kernel}.cu`) split on their `//@ <name>` lines: "header" (each file's helpers before its
+    bodies, in the order given) and one body per kernel."""
+    merged: dict[str, str] = {"header": ""}
+    for kernel in kernels:
+        text = source(f"{kernel}.metal" if kind == "metal" else f"{kernel}.cu")
+        parts = re.split(r"^//@ (\w+)\n", text, flags=re.MULTILINE)
+        for name, body in zip(parts[1::2], parts[2::2]):
+            merged[name] = merged[name] + body if name == "header" else body
+    return merged

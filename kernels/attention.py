@@ -2,7 +2,7 @@
 Metal/CUDA kernels, and `attention`, which picks one per call.
 
 Queries are `(B, Hq, L, D)`; keys and values are `(B, Hkv, S, D)` arrays or `QuantizedKV`s (the
-cache layout of `mlxfam.cache`: keys packed per channel, values per token, then a float tail of the
+cache layout of `mlxfam.kv_layout`: keys packed per channel, values per token, then a float tail of the
 newest tokens; the keys are the packed slots then the tail). Query head h reads kv head
 h // (Hq / Hkv). What hides a key from a query, all of which combine:
 
@@ -36,9 +36,9 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from ..cache import QuantizedKV
 from ..errors import MlxfamError
-from . import FLOAT_DTYPES, KV_BITS, KV_GROUP_SIZES, backend, placeholder, sections
+from ..kv_layout import KV_BITS, KV_GROUP_SIZES, QuantizedKV
+from . import FLOAT_DTYPES, backend, placeholder, sections
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 
@@ -456,7 +456,7 @@ def _launch(kind: str, call: _Call) -> mx.array:
 @cache
 def _kernels(kind: str):
     """(partial, reduce) kernels of backend `kind` ("metal" or "cuda")."""
-    parts = sections("attention", kind)
+    parts = sections(kind, "attention")
     make = mx.fast.metal_kernel if kind == "metal" else mx.fast.cuda_kernel
     partial = make(
         name="mlxfam_attention_partial",

@@ -38,8 +38,8 @@ from mlxfam.kernels.attention import (
 )
 
 from mlxfam.attention import attend
-from mlxfam.cache import QuantizedKV
 from mlxfam.errors import MlxfamError
+from mlxfam.kv_layout import QuantizedKV
 
 TOLERANCE = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}
 PLAIN = None
@@ -356,7 +356,7 @@ def emulation(tmp_path_factory):
     """The partial and reduce kernels of every EMULATED_CASES call, compiled for the CPU."""
     if GXX is None:
         pytest.skip("g++ is not installed")
-    cuda = sections("attention", "cuda")
+    cuda = sections("cuda", "attention")
     functions = []
     for build in EMULATED_CASES.values():
         q, k, v, keywords = build()
@@ -548,7 +548,7 @@ PLATFORM_BLOCK = re.compile(r"  // platform-specific: begin\n.*?  // platform-sp
 def test_metal_and_cuda_bodies_are_the_same_text():
     """Apart from the marked platform blocks (thread indices, shared memory), the kernel bodies are
     identical, so what is checked of one (compiled, run) holds of the other's algorithm."""
-    metal, cuda = (sections("attention", kind) for kind in ("metal", "cuda"))
+    metal, cuda = (sections(kind, "attention") for kind in ("metal", "cuda"))
     assert list(metal) == list(cuda) == ["header", "attention_partial", "attention_reduce"]
     for kernel in ("attention_partial", "attention_reduce"):
         assert PLATFORM_BLOCK.search(metal[kernel]) and PLATFORM_BLOCK.search(cuda[kernel])
@@ -579,7 +579,7 @@ def launcher_requests():
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 def test_cuda_source_compiles_for_every_instantiation(tmp_path):
-    cuda = sections("attention", "cuda")
+    cuda = sections("cuda", "attention")
     partial, reduce = launcher_requests()
     functions = [
         kernel_function(
