@@ -62,10 +62,8 @@ __device__ __forceinline__ float tanh_f32(float x) {
   constexpr int DPL = D <= 64 ? 2 : (D <= 128 ? 4 : 8);
   constexpr int VLANES = D / DPL;
   constexpr int CAUSAL = 1;
-  constexpr int POSITIONS = 2;
-  constexpr int ALIBI = 4;
-  constexpr int MASK = 8;
-  constexpr int SOFTCAP = 16;
+  constexpr int MASK = 2;
+  constexpr int SOFTCAP = 4;
 
   // platform-specific: begin
   __shared__ float shared_rows[ROWS * D];
@@ -86,10 +84,9 @@ __device__ __forceinline__ float tanh_f32(float x) {
   const int n_queries = counts[4];
   const int split_len = counts[5];
   const int n_splits = counts[6];
-  const int window = counts[7];
-  const int flags = counts[8];
-  const int bits = counts[9];
-  const int group_size = counts[10];
+  const int flags = counts[7];
+  const int bits = counts[8];
+  const int group_size = counts[9];
   const float scale = factors[0];
   const float softcap = factors[1];
   const uint32_t low_bits = (1u << bits) - 1u;
@@ -256,14 +253,6 @@ __device__ __forceinline__ float tanh_f32(float x) {
         bool visible = key < stop;
         if (flags & CAUSAL) {
           visible = visible && key <= n_keys - n_queries + query;
-        }
-        if (flags & POSITIONS) {
-          const int key_position = key_positions[read_key];
-          const int query_position = query_positions[query];
-          visible = visible && key_position <= query_position && (window <= 0 || key_position > query_position - window);
-          if (flags & ALIBI) {
-            s += alibi_slopes[head] * static_cast<float>(key_position - query_position);
-          }
         }
         if (flags & MASK) {
           s += mask[batch * mask_strides[0] + head * mask_strides[1] + query * mask_strides[2] + read_key * mask_strides[3]];
