@@ -12,7 +12,7 @@ windows, a rotating cache's slots in any order, ALiBi, bidirectional prefixes) a
 Scores are q.k * scale, then softcap * tanh(scores / softcap) when a softcap is given (Gemma 2),
 then the mask; the softmax is in float32 always.
 
-The kernels (attention.metal / attention.cu, the same algorithm line for line) serve decode and short
+The kernels (attention.inc, one text for Metal and CUDA after each platform's prelude) serve decode and short
 query chunks: one block per (batch row, kv head, split of the keys) serves all the query heads of
 the kv head's group and all L queries, so each key and value is read once per group; the keys are
 read packed as stored (lanes over key slots for q.k, lanes over head_dim for p.v), through the

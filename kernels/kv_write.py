@@ -13,7 +13,7 @@ call: a step attends its own tokens in float (`mlxfam.cache`), so the model rota
 time inside the write would save nothing; packing keys per channel and values per token in one
 launch saves `mx.quantize`'s transposed copy of the keys and a second launch.
 
-The kernel (kv_write.metal / kv_write.cu, after rope's rotation helpers) runs where
+The kernel (kv_write.inc, after the platform's prelude and rope.inc's rotation helpers) runs where
 `mlxfam.kernels.backend(choice)` finds a GPU, launched as `mlxfam.kernels.rope` launches its own;
 elsewhere `mlxfam.kv_layout.pack_blocks` (`mx.quantize`) is the reference.
 """

@@ -22,6 +22,7 @@ from kernel_compile import (
     GXX,
     NVCC,
     Emulation,
+    assert_one_algorithm,
     cuda_source,
     emulated_function,
     kernel_function,
@@ -493,19 +494,12 @@ def test_bad_operands_are_clear_errors():
 
 # --- the sources -----------------------------------------------------------------------------------
 
-PLATFORM_BLOCK = re.compile(r"  // platform-specific: begin\n.*?  // platform-specific: end\n", re.DOTALL)
 
-
-def test_metal_and_cuda_bodies_are_the_same_text():
-    """Apart from the marked platform blocks (thread indices, shared memory), the kernel bodies are
-    identical, so what is checked of one (compiled, run) holds of the other's algorithm."""
-    metal, cuda = (sections(kind, "attention") for kind in ("metal", "cuda"))
-    assert list(metal) == list(cuda) == ["header", "attention_partial", "attention_reduce"]
-    for kernel in ("attention_partial", "attention_reduce"):
-        assert PLATFORM_BLOCK.search(metal[kernel]) and PLATFORM_BLOCK.search(cuda[kernel])
-        assert PLATFORM_BLOCK.sub("", metal[kernel]) == PLATFORM_BLOCK.sub("", cuda[kernel])
-    helpers = re.compile(r"^(?:__device__ __forceinline__ |inline )(\w+ \w+)\(", re.MULTILINE)
-    assert helpers.findall(metal["header"]) == helpers.findall(cuda["header"])
+def test_metal_and_cuda_kernels_are_one_text():
+    """One text after each platform's prelude (`assert_one_algorithm`), so what is checked of the
+    CUDA kernel (compiled, run) holds of the Metal kernel's algorithm."""
+    assert list(sections("cuda", "attention")) == ["header", "attention_partial", "attention_reduce"]
+    assert_one_algorithm("attention")
 
 
 def launcher_requests():

@@ -16,6 +16,7 @@ from kernel_compile import (
     GXX,
     NVCC,
     Emulation,
+    assert_one_algorithm,
     cuda_source,
     emulated_function,
     kernel_function,
@@ -381,18 +382,10 @@ def test_kernel_takes_every_launch_a_grid_holds():
 # --- the sources ------------------------------------------------------------------------------------------
 
 
-def test_metal_and_cuda_sources_are_parallel():
-    """The twins stay line for line: the same sections of as many lines, and kernel bodies of the same
-    text except where each takes its thread's index."""
-    metal, cuda = sections("metal", *kv_write.SOURCES), sections("cuda", *kv_write.SOURCES)
-    assert list(metal) == list(cuda) == ["header", "rope", "rope_qk", "rope_kv_block"]
-    for name in metal:
-        metal_lines, cuda_lines = metal[name].splitlines(), cuda[name].splitlines()
-        assert len(metal_lines) == len(cuda_lines), name
-        if name != "header":
-            for metal_line, cuda_line in zip(metal_lines, cuda_lines):
-                takes_index = "thread_position_in_grid" in metal_line or "thread_index_in_simdgroup" in metal_line
-                assert metal_line == cuda_line or (takes_index and "threadIdx" in cuda_line), (name, metal_line)
+def test_metal_and_cuda_sources_are_one_text():
+    """The rotation and the cache write: one text after each platform's prelude (`assert_one_algorithm`)."""
+    assert list(sections("cuda", *kv_write.SOURCES)) == ["header", "rope", "rope_qk", "rope_kv_block"]
+    assert_one_algorithm(*kv_write.SOURCES)
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
@@ -504,7 +497,7 @@ EMULATED_CASES = {
 @contextmanager
 def cuda_kernels(launch):
     """mlxfam.kernels.rope as on a CUDA GPU, its kernels built by `launch`: each call of a kernel
-    object is `launch(section, input_names, output_names, **arguments)`, with the section of rope.cu
+    object is `launch(section, input_names, output_names, **arguments)`, with the CUDA section
     `_kernel` would hand mx.fast.cuda_kernel and the arguments `_launch` passes the kernel object
     (inputs, template, grid, threadgroup, output_shapes, output_dtypes)."""
 
