@@ -102,8 +102,8 @@ def packed_kv_units(
     keys: mx.array, values: mx.array, group_size: int, bits: int, choice: str | None = None
 ) -> tuple[Units, Units]:
     """`(B, kv_heads, n * group_size, head_dim)` keys and values quantized into n blocks of
-    `mlxfam.kv_layout`'s layout, in one launch of the kernels' cache write where a GPU kernel runs (`choice`:
-    `mlxfam.kernels.backend`'s)."""
+    `mlxfam.kv_layout`'s layout, in one launch of the kernels' cache write where a GPU kernel runs
+    (`choice`: `mlxfam.kernels.backend`'s)."""
     key_parts, value_parts = quantize_kv_blocks(keys, values, bits=bits, group_size=group_size, choice=choice)
     return (
         packed_blocks(key_parts, group_size, bits, per_channel=True),
