@@ -28,9 +28,10 @@ from functools import partial
 import mlx.core as mx
 from mlxfam.kernels import backend
 from mlxfam.kernels.attention import attention
-from mlxfam.kernels.rope import quantize_kv_blocks, rope_qk, rope_table
+from mlxfam.kernels.kv_write import quantize_kv_blocks
+from mlxfam.kernels.rope import rope_qk, rope_table
 
-from mlxfam.cache import QuantizedKV
+from mlxfam.kv_layout import QuantizedKV
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 1, 32, 8, 128
 CACHES = ("float16", "8-bit", "4-bit")

@@ -1,8 +1,9 @@
 """Custom kernels (installed as `mlxfam.kernels`) and the one seam that picks how they run.
 
-Each kernel has a Metal source (`*.metal`, for `mx.fast.metal_kernel`), a CUDA source (`*.cu`, for
-`mx.fast.cuda_kernel`) implementing the same algorithm line for line, and a pure-MLX reference that
-is the fallback on every other backend and the oracle the kernels are tested against.
+Each kernel has one source text (`*.inc`) for both `mx.fast.metal_kernel` and `mx.fast.cuda_kernel`,
+after a per-platform prelude (`prelude.metal`, `prelude.cu`: thread indices, simdgroup/warp
+shuffles, barriers, shared memory and math under the same names), and a pure-MLX reference that is
+the fallback on every other backend and the oracle the kernels are tested against.
 
 `backend()` answers which one runs: "metal" or "cuda" when MLX's default device is a GPU of that
 kind, None (the reference) otherwise. `MLXFAM_KERNELS=reference` forces the reference everywhere;
@@ -22,9 +23,6 @@ from ..errors import MlxfamError
 
 KERNELS_ENV = "MLXFAM_KERNELS"
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)  # what every kernel takes and computes in
-# The quantized KV cache's packings (its layout: `mlxfam.cache`), each of which the kernels are built for.
-KV_BITS = (4, 8)
-KV_GROUP_SIZES = (32, 64)
 CHOICES = ("auto", "reference", "kernel")
 
 
@@ -67,14 +65,33 @@ def placeholder(dtype: mx.Dtype) -> mx.array:
 
 @cache
 def source(name: str) -> str:
-    """The text of kernel source file `name` (e.g. "attention.cu"), shipped inside the package."""
+    """The text of kernel source file `name` (e.g. "attention.inc"), shipped inside the package."""
     return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")
 
 
-@cache
-def sections(kernel: str, kind: str) -> dict[str, str]:
-    """Kernel `kernel`'s source for backend `kind` ("metal": `{kernel}.metal`, "cuda": `{kernel}.cu`)
-    split on its `//@ <name>` lines: "header" (helpers before the bodies) and one body per kernel."""
-    text = source(f"{kernel}.metal" if kind == "metal" else f"{kernel}.cu")
-    parts = re.split(r"^//@ (\w+)\n", text, flags=re.MULTILINE)
+def split_sections(name: str) -> dict[str, str]:
+    """Source file `name` split on its `//@ <section>` lines (what precedes the first is its comment)."""
+    parts = re.split(r"^//@ (\w+)\n", source(name), flags=re.MULTILINE)
     return dict(zip(parts[1::2], parts[2::2]))
+
+
+def prelude(kind: str) -> dict[str, str]:
+    """Backend `kind`'s prelude ("metal": prelude.metal, "cuda": prelude.cu): its "header" (the
+    platform's helpers) and "indices" (the thread indices every kernel body starts with)."""
+    return split_sections("prelude.metal" if kind == "metal" else "prelude.cu")
+
+
+@cache
+def sections(kind: str, *kernels: str) -> dict[str, str]:
+    """The sources of `kernels` (e.g. "rope", "kv_write": rope.inc, kv_write.inc) for backend `kind`
+    ("metal" or "cuda"): "header" (the prelude's helpers, then each file's, in the order given) and
+    one body per kernel section, each after the prelude's thread indices."""
+    platform = prelude(kind)
+    merged = {"header": platform["header"]}
+    for kernel in kernels:
+        for name, text in split_sections(f"{kernel}.inc").items():
+            if name == "header":
+                merged["header"] += text
+            else:
+                merged[name] = platform["indices"] + text
+    return merged

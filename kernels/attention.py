@@ -2,21 +2,17 @@
 Metal/CUDA kernels, and `attention`, which picks one per call.
 
 Queries are `(B, Hq, L, D)`; keys and values are `(B, Hkv, S, D)` arrays or `QuantizedKV`s (the
-cache layout of `mlxfam.cache`: keys packed per channel, values per token, then a float tail of the
+cache layout of `mlxfam.kv_layout`: keys packed per channel, values per token, then a float tail of the
 newest tokens; the keys are the packed slots then the tail). Query head h reads kv head
-h // (Hq / Hkv). What hides a key from a query, all of which combine:
-
-* `mask`: "causal" (the L queries are the last L of the keys), a bool array (True = visible) or an
-  additive float array (ALiBi biases, -inf where hidden), broadcastable to `(B, Hq, L, n_keys)`;
-* `key_positions` `(n_keys,)` / `query_positions` `(L,)` int32: key j is visible to query i only if
-  key_positions[j] <= query_positions[i], and with `window` W only if it is also
-  > query_positions[i] - W; `alibi_slopes` `(Hq,)` float32 adds slopes[h] * (key_positions[j] -
-  query_positions[i]) to the scores. These are the kernel's own masks: no mask array to build.
+h // (Hq / Hkv). What hides a key from a query is `mask`: "causal" (the L queries are the last L
+of the keys), a bool array (True = visible) or an additive float array (ALiBi biases, -inf where
+hidden), broadcastable to `(B, Hq, L, n_keys)`. The models build every mask they need (sliding
+windows, a rotating cache's slots in any order, ALiBi, bidirectional prefixes) as such an array.
 
 Scores are q.k * scale, then softcap * tanh(scores / softcap) when a softcap is given (Gemma 2),
-then the masks; the softmax is in float32 always.
+then the mask; the softmax is in float32 always.
 
-The kernels (attention.metal / attention.cu, the same algorithm line for line) serve decode and short
+The kernels (attention.inc, one text for Metal and CUDA after each platform's prelude) serve decode and short
 query chunks: one block per (batch row, kv head, split of the keys) serves all the query heads of
 the kv head's group and all L queries, so each key and value is read once per group; the keys are
 read packed as stored (lanes over key slots for q.k, lanes over head_dim for p.v), through the
@@ -36,9 +32,9 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from ..cache import QuantizedKV
 from ..errors import MlxfamError
-from . import FLOAT_DTYPES, KV_BITS, KV_GROUP_SIZES, backend, placeholder, sections
+from ..kv_layout import KV_BITS, KV_GROUP_SIZES, QuantizedKV
+from . import FLOAT_DTYPES, backend, placeholder, sections
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 
@@ -59,58 +55,46 @@ MAX_ROW_BLOCKS = 4
 # lane's state stays in registers (on CUDA: under 255 per thread, no spills).
 ACCUMULATORS = 96
 
-_CAUSAL, _POSITIONS, _ALIBI, _MASK, _SOFTCAP = 1, 2, 4, 8, 16
+_CAUSAL, _MASK, _SOFTCAP = 1, 2, 4
 _PARTIAL_INPUTS = (
     "q", "k_data", "k_scales", "k_biases", "k_tail", "v_data", "v_scales", "v_biases", "v_tail",
-    "mask", "key_positions", "query_positions", "alibi_slopes", "counts", "factors",
+    "mask", "counts", "factors",
 )  # fmt: skip
 
 
-class Masks(NamedTuple):
-    """What hides keys from queries (module docstring): the keywords every entry point takes."""
-
-    mask: object = None
-    key_positions: mx.array | None = None
-    query_positions: mx.array | None = None
-    window: int | None = None
-    alibi_slopes: mx.array | None = None
-
-
-def attention(q, k, v, *, scale: float, softcap: float | None = None, choice: str | None = None, **masks) -> mx.array:
-    """softmax(mask(softcap(q k^T * scale))) v; `masks`: the `Masks` keywords.
+def attention(q, k, v, *, scale: float, mask=None, softcap: float | None = None, choice: str | None = None) -> mx.array:
+    """softmax(mask(softcap(q k^T * scale))) v (module docstring).
 
     `choice` (`mlxfam.kernels.backend`'s): "auto" (default) runs the kernel where one runs and takes
     the call (`kernel_unsupported`), else the reference; "reference" the reference, in MLX ops, all L
     queries at once (callers chunk long prefills), reading packed keys and values by
     `mx.quantized_matmul`, never dequantized into a copy, with kv heads broadcast over their query
     heads rather than repeated; "kernel" the kernel, or an MlxfamError saying why it cannot run."""
-    masks = Masks(**masks)
     kind = backend(choice)
-    shape = _check(q, k, v, masks)
+    shape = _check(q, k, v, mask)
     reason = None if kind is None else _unsupported(shape, q, k, v)
     if kind is not None and reason is None:
-        return _launch(kind, _partial_call(shape, q, k, v, scale, softcap, masks))
+        return _launch(kind, _partial_call(shape, q, k, v, scale, softcap, mask))
     if choice == "kernel":
         raise MlxfamError(f"the attention kernel cannot take this call: {reason}")
-    return _reference(shape, q, k, v, scale, softcap, masks)
+    return _reference(shape, q, k, v, scale, softcap, mask)
 
 
-def kernel_attention(q, k, v, *, scale: float, softcap: float | None = None, **masks) -> mx.array | None:
+def kernel_attention(q, k, v, *, scale: float, mask=None, softcap: float | None = None) -> mx.array | None:
     """The attention by the kernel where one runs (`backend()`) and takes the call, else None: for
     callers with their own fallback (`mlxfam.attention.attend`), checking the call once."""
     kind = backend()
     if kind is None:
         return None
-    masks = Masks(**masks)
-    shape = _check(q, k, v, masks)
+    shape = _check(q, k, v, mask)
     if _unsupported(shape, q, k, v) is not None:
         return None
-    return _launch(kind, _partial_call(shape, q, k, v, scale, softcap, masks))
+    return _launch(kind, _partial_call(shape, q, k, v, scale, softcap, mask))
 
 
-def kernel_unsupported(q, k, v, *, scale: float | None = None, softcap: float | None = None, **masks) -> str | None:
+def kernel_unsupported(q, k, v, *, scale: float | None = None, mask=None, softcap: float | None = None) -> str | None:
     """Why the kernel cannot take this (valid) call, or None when it can. Bad input raises."""
-    return _unsupported(_check(q, k, v, Masks(**masks)), q, k, v)
+    return _unsupported(_check(q, k, v, mask), q, k, v)
 
 
 def _unsupported(shape: _Shape, q, k, v) -> str | None:
@@ -195,9 +179,8 @@ def _layout(x: mx.array | QuantizedKV, name: str, per_channel: bool) -> tuple[in
     return batch, kv_heads, packed + tail, dim
 
 
-def _check(q, k, v, masks: Masks) -> _Shape:
+def _check(q, k, v, mask) -> _Shape:
     """The call's shape; MlxfamError naming what is wrong for bad input."""
-    mask, key_positions, query_positions, window, alibi_slopes = masks
     if q.ndim != 4 or q.dtype not in FLOAT_DTYPES:
         raise MlxfamError(
             f"queries: expected (batch, heads, queries, head_dim) float16/bfloat16/float32, got {q.dtype} {q.shape}"
@@ -223,22 +206,6 @@ def _check(q, k, v, masks: Masks) -> _Shape:
             raise MlxfamError(f"a causal mask for {length} queries over only {n_keys} keys")
     elif mask is not None and not _broadcasts(mask.shape, full):
         raise MlxfamError(f"mask of shape {mask.shape} does not broadcast to (B, Hq, L, keys) {full}")
-    if (key_positions is None) != (query_positions is None):
-        raise MlxfamError("key_positions and query_positions go together: give both or neither")
-    if key_positions is None and (window is not None or alibi_slopes is not None):
-        raise MlxfamError("a window or ALiBi slopes need key_positions and query_positions")
-    if key_positions is not None:
-        if key_positions.shape != (n_keys,) or query_positions.shape != (length,):
-            raise MlxfamError(
-                f"key_positions {key_positions.shape} and query_positions {query_positions.shape}: "
-                f"expected ({n_keys},) and ({length},)"
-            )
-        if key_positions.dtype != mx.int32 or query_positions.dtype != mx.int32:
-            raise MlxfamError("key_positions and query_positions must be int32")
-    if window is not None and window < 1:
-        raise MlxfamError(f"window {window}: a sliding window holds at least one key")
-    if alibi_slopes is not None and alibi_slopes.shape != (heads,):
-        raise MlxfamError(f"alibi_slopes of shape {alibi_slopes.shape}: expected one per query head ({heads},)")
     return shape
 
 
@@ -249,12 +216,12 @@ def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 # --- the reference -----------------------------------------------------------------------------
 
 
-def _reference(shape: _Shape, q, k, v, scale: float, softcap: float | None, masks: Masks):
+def _reference(shape: _Shape, q, k, v, scale: float, softcap: float | None, mask):
     grouped = (q * scale).reshape(shape.batch, shape.kv_heads, shape.groups, shape.length, shape.dim)
     scores = _key_scores(grouped, k)
     if softcap is not None:
         scores = mx.tanh(scores / softcap) * softcap
-    visible, bias = _mask_terms(*masks, shape)
+    visible, bias = _mask_terms(mask, shape)
     if bias is not None:
         scores = scores + bias
     if visible is not None:
@@ -309,7 +276,7 @@ def _packed_product(x: mx.array, kv: QuantizedKV) -> mx.array:
     return product.astype(mx.float32)
 
 
-def _mask_terms(mask, key_positions, query_positions, window, alibi_slopes, shape: _Shape):
+def _mask_terms(mask, shape: _Shape):
     """(visible, bias): a bool and a float32 array broadcastable to `(B, Hkv, groups, L, keys)`, or
     None where nothing hides a key or adds to the scores."""
     visible = bias = None
@@ -322,16 +289,6 @@ def _mask_terms(mask, key_positions, query_positions, window, alibi_slopes, shap
             visible = grouped
         else:
             bias = grouped.astype(mx.float32)
-    if key_positions is not None:
-        offsets = key_positions[None, :] - query_positions[:, None]  # key - query position, (L, keys)
-        in_reach = offsets <= 0
-        if window is not None:
-            in_reach = in_reach & (offsets > -window)
-        visible = in_reach if visible is None else visible & in_reach
-        if alibi_slopes is not None:
-            slopes = alibi_slopes.astype(mx.float32).reshape(shape.kv_heads, shape.groups, 1, 1)
-            alibi = slopes * offsets.astype(mx.float32)
-            bias = alibi if bias is None else bias + alibi
     return visible, bias
 
 
@@ -364,11 +321,10 @@ class _Call(NamedTuple):
         return (THREADS * self.shape.batch * self.shape.kv_heads, self.n_splits, self.row_blocks)
 
 
-def _partial_call(shape: _Shape, q, k, v, scale: float, softcap: float | None, masks: Masks) -> _Call:
+def _partial_call(shape: _Shape, q, k, v, scale: float, softcap: float | None, mask) -> _Call:
     """What the partial kernel is given for this (checked) call. Plain keys and values go in as the
     tails (a cache with no packed slots), and absent or empty inputs as 1-element placeholders of
     their dtype, so one signature serves every call of a dtype."""
-    mask, key_positions, query_positions, window, alibi_slopes = masks
     if isinstance(k, QuantizedKV):
         n_packed, bits, group_size = k.packed_slots, k.bits, k.group_size
         kv = [k.data, k.scales, k.biases, k.tail, v.data, v.scales, v.biases, v.tail]
@@ -385,11 +341,6 @@ def _partial_call(shape: _Shape, q, k, v, scale: float, softcap: float | None, m
         flags |= _MASK
         additive = mx.where(mask, 0.0, -mx.inf) if mask.dtype == mx.bool_ else mask.astype(mx.float32)
         mask = mx.broadcast_to(additive, (shape.batch, shape.heads, shape.length, shape.n_keys))
-    if key_positions is not None:
-        flags |= _POSITIONS
-    if alibi_slopes is not None:
-        flags |= _ALIBI
-        alibi_slopes = alibi_slopes.astype(mx.float32)
     if softcap is not None:
         flags |= _SOFTCAP
     # About one split per SPLIT_KEYS keys, at most MAX_SPLITS, each a multiple of STEP keys long.
@@ -399,14 +350,11 @@ def _partial_call(shape: _Shape, q, k, v, scale: float, softcap: float | None, m
     n_splits = -(-shape.n_keys // split_len)
     counts = [
         n_packed, shape.n_keys - n_packed, shape.kv_heads, shape.groups, shape.length,
-        split_len, n_splits, window or 0, flags, bits, group_size,
+        split_len, n_splits, flags, bits, group_size,
     ]  # fmt: skip
     inputs = [
         q, *kv,
         placeholder(mx.float32) if mask is None else mask,
-        placeholder(mx.int32) if key_positions is None else key_positions,
-        placeholder(mx.int32) if query_positions is None else query_positions,
-        placeholder(mx.float32) if alibi_slopes is None else alibi_slopes,
         mx.array(counts, dtype=mx.int32),
         mx.array([scale, softcap or 0.0], dtype=mx.float32),
     ]  # fmt: skip
@@ -456,7 +404,7 @@ def _launch(kind: str, call: _Call) -> mx.array:
 @cache
 def _kernels(kind: str):
     """(partial, reduce) kernels of backend `kind` ("metal" or "cuda")."""
-    parts = sections("attention", kind)
+    parts = sections(kind, "attention")
     make = mx.fast.metal_kernel if kind == "metal" else mx.fast.cuda_kernel
     partial = make(
         name="mlxfam_attention_partial",

@@ -15,19 +15,8 @@ The rotation, on (B, H, L, D) tensors with `rotary_dims` R:
   stream 1, the pairing and R applying within each half.
 The math is fp32 and the result is in the input's dtype.
 
-`rope_qk` turns q and k in one launch. `rope_kv_block` is the fused cache write of a quantizing
-cache: it turns whole blocks of `group_size` new keys and quantizes them, with their values, into
-the packed layout the cache stores (keys per channel over the block's slots, values per token).
-MLX's custom kernels always write fresh output arrays (an input is never updated in place), so
-"writing straight into the cache" means the kernels emit exactly the cache's storage form of the
-new tokens (rotated keys in the cache dtype, or packed blocks with their scales and biases), which
-the cache slice-assigns into its preallocated buffers.
-
-`quantize_kv_blocks` is the same launch for keys already rotated, and it is the one mlxfam's caches
-call: a step attends its own tokens in float (`mlxfam.cache`), so the model rotates them with
-`rope_qk` anyway, and the cache packs its full blocks from those float keys. Rotating them a second
-time inside the write would save nothing; packing keys per channel and values per token in one
-launch saves `mx.quantize`'s transposed copy of the keys and a second launch.
+`rope_qk` turns q and k in one launch. The cache write of a quantizing cache, which may rotate its
+keys by these tables too, is `mlxfam.kernels.kv_write`; it launches through this module's machinery.
 
 Which implementation runs is `mlxfam.kernels.backend(choice)`: the Metal or CUDA kernel when MLX
 computes on such a GPU and `kernel_unsupported` has no objection, else the reference (composed of
@@ -43,15 +32,12 @@ from functools import cache
 import mlx.core as mx
 
 from ..errors import MlxfamError
-from . import FLOAT_DTYPES, KV_BITS, KV_GROUP_SIZES, backend, placeholder, sections
+from . import FLOAT_DTYPES, backend, sections
 
-THREADGROUP = 256  # threads; a multiple of 32 so that each quantization group is one simdgroup/warp
+THREADGROUP = 256  # threads; a multiple of 32 so that the cache write's quantization groups are whole simdgroups/warps
 MAX_THREADS = 2**31 - 1  # MLX's grid sizes are ints
-SIMD_WIDTH = 32  # lanes per quantization group in rope_kv_block
-PACKED_PARTS = ("data", "scales", "biases")
 
 Tables = tuple[mx.array, mx.array]
-Packed = tuple[mx.array, mx.array, mx.array]  # (data, scales, biases), as mx.quantize returns them
 
 
 def rope_table(positions, inv_freq, *, scale: float = 1.0) -> Tables:
@@ -77,14 +63,14 @@ def rope_table(positions, inv_freq, *, scale: float = 1.0) -> Tables:
 # --- checks shared by the kernels and the reference ---------------------------------------------
 
 
-def _check_tensor(name: str, x: mx.array) -> None:
+def check_tensor(name: str, x: mx.array) -> None:
     if x.ndim != 4:
         raise MlxfamError(f"{name} has shape {tuple(x.shape)}; expected (batch, heads, length, head_dim)")
     if x.dtype not in FLOAT_DTYPES:
         raise MlxfamError(f"{name} is {x.dtype}; rope takes float16, bfloat16 or float32")
 
 
-def _tables(x: mx.array, cos: mx.array, sin: mx.array, rotary_dims: int, two_d: bool) -> Tables:
+def checked_tables(x: mx.array, cos: mx.array, sin: mx.array, rotary_dims: int, two_d: bool) -> Tables:
     """cos/sin checked against x (B, H, L, D) and shaped as the kernels index them: float32,
     (streams, B or 1, L, R/2), row-contiguous."""
     batch, _, length, head_dim = x.shape
@@ -111,50 +97,25 @@ def _tables(x: mx.array, cos: mx.array, sin: mx.array, rotary_dims: int, two_d: 
 
 
 def _checked_rope(x: mx.array, cos: mx.array, sin: mx.array, rotary_dims: int, two_d: bool) -> Tables:
-    _check_tensor("x", x)
-    return _tables(x, cos, sin, rotary_dims, two_d)
+    check_tensor("x", x)
+    return checked_tables(x, cos, sin, rotary_dims, two_d)
 
 
 def _checked_qk(q: mx.array, k: mx.array, cos: mx.array, sin: mx.array, rotary_dims: int, two_d: bool) -> Tables:
-    _check_tensor("q", q)
-    _check_tensor("k", k)
+    check_tensor("q", q)
+    check_tensor("k", k)
     # Turned at the same positions by the same tables, and written by one launch of one dtype.
     if (q.shape[0], q.shape[2], q.shape[3], q.dtype) != (k.shape[0], k.shape[2], k.shape[3], k.dtype):
         raise MlxfamError(
             f"q {tuple(q.shape)} {q.dtype} and k {tuple(k.shape)} {k.dtype} differ in batch, length, head_dim or dtype"
         )
-    return _tables(q, cos, sin, rotary_dims, two_d)
-
-
-def _checked_blocks(k: mx.array, v: mx.array, bits: int, group_size: int) -> None:
-    _check_tensor("k", k)
-    _check_tensor("v", v)
-    if bits not in KV_BITS:
-        raise MlxfamError(f"bits must be one of {KV_BITS} (the quantized cache's layout), got {bits!r}")
-    if group_size not in KV_GROUP_SIZES:
-        raise MlxfamError(
-            f"group_size must be one of {KV_GROUP_SIZES} (the quantized cache's layout), got {group_size!r}"
-        )
-    if k.shape != v.shape or k.dtype != v.dtype:
-        raise MlxfamError(f"keys {tuple(k.shape)} {k.dtype} and values {tuple(v.shape)} {v.dtype} differ")
-    length, head_dim = k.shape[2], k.shape[3]
-    if length % group_size:
-        raise MlxfamError(f"a cache block holds whole groups: {length} tokens is not a multiple of {group_size}")
-    if head_dim % group_size:
-        raise MlxfamError(f"head_dim {head_dim} is not a multiple of the group size {group_size}")
-
-
-def _checked_kv(
-    k: mx.array, v: mx.array, cos: mx.array, sin: mx.array, rotary_dims: int, two_d: bool, bits: int, group_size: int
-) -> Tables:
-    _checked_blocks(k, v, bits, group_size)
-    return _tables(k, cos, sin, rotary_dims, two_d)
+    return checked_tables(q, cos, sin, rotary_dims, two_d)
 
 
 # --- pure-MLX reference ----------------------------------------------------------------------------
 
 
-def _rotated_reference(x: mx.array, cos: mx.array, sin: mx.array, rotary_dims: int, interleaved: bool) -> mx.array:
+def rotated_reference(x: mx.array, cos: mx.array, sin: mx.array, rotary_dims: int, interleaved: bool) -> mx.array:
     """x (B, H, L, D) rotated by checked tables (streams, B or 1, L, R/2)."""
     batch, heads, length, head_dim = x.shape
     streams = cos.shape[0]
@@ -171,25 +132,19 @@ def _rotated_reference(x: mx.array, cos: mx.array, sin: mx.array, rotary_dims: i
     return mx.concatenate([turned, passing], axis=-1).reshape(x.shape).astype(x.dtype)
 
 
-def _blocks_reference(keys: mx.array, v: mx.array, bits: int, group_size: int) -> tuple[Packed, Packed]:
-    return (
-        tuple(mx.quantize(keys.swapaxes(-1, -2), group_size=group_size, bits=bits)),
-        tuple(mx.quantize(v, group_size=group_size, bits=bits)),
-    )
-
-
 # --- kernels ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class KernelCall:
-    """One launch as MLX sees it, without the arrays: which section of the source runs, the
-    dtypes of its named inputs and outputs, and its template arguments."""
+    """One launch as MLX sees it, without the arrays: which section of which source files runs
+    (`mlxfam.kernels.sections`), the dtypes of its named inputs and outputs, and its template arguments."""
 
     kernel: str
     inputs: tuple[tuple[str, mx.Dtype], ...]
     outputs: tuple[tuple[str, mx.Dtype], ...]
     template: tuple[tuple[str, object], ...]
+    sources: tuple[str, ...] = ("rope",)
 
     @property
     def name(self) -> str:
@@ -197,58 +152,46 @@ class KernelCall:
         return f"mlxfam_{self.kernel}"
 
 
-_TABLE_INPUTS = (("cos_table", mx.float32), ("sin_table", mx.float32))
+TABLE_INPUTS = (("cos_table", mx.float32), ("sin_table", mx.float32))
 
 
 def _rope_call(dtype: mx.Dtype, interleaved: bool) -> KernelCall:
     return KernelCall(
-        "rope", (("x", dtype), *_TABLE_INPUTS), (("out", dtype),), (("T", dtype), ("INTERLEAVED", interleaved))
+        "rope", (("x", dtype), *TABLE_INPUTS), (("out", dtype),), (("T", dtype), ("INTERLEAVED", interleaved))
     )
 
 
 def _rope_qk_call(dtype: mx.Dtype, interleaved: bool) -> KernelCall:
     return KernelCall(
         "rope_qk",
-        (("q", dtype), ("k", dtype), *_TABLE_INPUTS),
+        (("q", dtype), ("k", dtype), *TABLE_INPUTS),
         (("q_out", dtype), ("k_out", dtype)),
         (("T", dtype), ("INTERLEAVED", interleaved)),
     )
 
 
-def _rope_kv_block_call(dtype: mx.Dtype, interleaved: bool, rotate: bool, bits: int, group_size: int) -> KernelCall:
-    packed = tuple((f"{x}_{part}", mx.uint32 if part == "data" else dtype) for x in "kv" for part in PACKED_PARTS)
-    return KernelCall(
-        "rope_kv_block",
-        (("k", dtype), ("v", dtype), *_TABLE_INPUTS),
-        packed,
-        (
-            ("T", dtype),
-            ("INTERLEAVED", interleaved),
-            ("ROTATE", rotate),
-            ("BITS", bits),
-            ("GROUP_SIZE", group_size),
-        ),
-    )
-
-
 def kernel_calls() -> list[KernelCall]:
-    """Every launch the launchers can request: each dtype and pairing, and for rope_kv_block each
-    bits and group size, rotating (each pairing) or not (quantize_kv_blocks); runtime sizes come
-    from the inputs' shapes, not from templates."""
-    calls = []
-    for dtype in FLOAT_DTYPES:
-        packings = [(b, g) for b in KV_BITS for g in KV_GROUP_SIZES]
-        for interleaved in (False, True):
-            calls += [_rope_call(dtype, interleaved), _rope_qk_call(dtype, interleaved)]
-            calls += [_rope_kv_block_call(dtype, interleaved, True, b, g) for b, g in packings]
-        calls += [_rope_kv_block_call(dtype, False, False, b, g) for b, g in packings]
-    return calls
+    """Every launch the launchers can request: each dtype and pairing; runtime sizes come from the
+    inputs' shapes, not from templates."""
+    return [
+        call(dtype, interleaved)
+        for dtype in FLOAT_DTYPES
+        for interleaved in (False, True)
+        for call in (_rope_call, _rope_qk_call)
+    ]
 
 
 @cache
-def _kernel(kind: str, name: str, body: str, input_names: tuple[str, ...], output_names: tuple[str, ...]):
+def _kernel(
+    kind: str,
+    sources: tuple[str, ...],
+    name: str,
+    body: str,
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+):
     """The MLX kernel object (built once: MLX compiles each instantiation on its first launch)."""
-    parts = sections("rope", kind)
+    parts = sections(kind, *sources)
     make = mx.fast.metal_kernel if kind == "metal" else mx.fast.cuda_kernel
     return make(
         name=name,
@@ -260,9 +203,10 @@ def _kernel(kind: str, name: str, body: str, input_names: tuple[str, ...], outpu
     )
 
 
-def _launch(kind: str, call: KernelCall, inputs: list[mx.array], output_shapes: list, threads: int) -> list[mx.array]:
+def launch(kind: str, call: KernelCall, inputs: list[mx.array], output_shapes: list, threads: int) -> list[mx.array]:
+    """Runs `call` on `inputs` over `threads` threads, in blocks of THREADGROUP."""
     input_names, output_names = (tuple(name for name, _ in args) for args in (call.inputs, call.outputs))
-    return _kernel(kind, call.name, call.kernel, input_names, output_names)(
+    return _kernel(kind, call.sources, call.name, call.kernel, input_names, output_names)(
         inputs=inputs,
         template=list(call.template),
         grid=(threads, 1, 1),
@@ -281,18 +225,18 @@ def kernel_unsupported(threads: int) -> str | None:
     return None
 
 
-def _chosen(choice: str | None, threads: int) -> str | None:
+def chosen(kernel: str, choice: str | None, threads: int) -> str | None:
     """The kernel backend that takes the call, or None for the reference; with choice "kernel",
-    an MlxfamError saying why no kernel can."""
+    an MlxfamError saying why the `kernel` kernel cannot."""
     kind = backend(choice)
     reason = None if kind is None else kernel_unsupported(threads)
     if choice == "kernel" and reason is not None:
-        raise MlxfamError(f"the rope kernel cannot take this call: {reason}")
+        raise MlxfamError(f"the {kernel} kernel cannot take this call: {reason}")
     return kind if reason is None else None
 
 
 def _rope_launch(kind: str, x: mx.array, tables: Tables, interleaved: bool) -> mx.array:
-    (out,) = _launch(kind, _rope_call(x.dtype, interleaved), [x, *tables], [x.shape], x.size)
+    (out,) = launch(kind, _rope_call(x.dtype, interleaved), [x, *tables], [x.shape], x.size)
     return out
 
 
@@ -300,40 +244,11 @@ def _rope_qk_launch(
     kind: str, q: mx.array, k: mx.array, tables: Tables, interleaved: bool
 ) -> tuple[mx.array, mx.array]:
     call = _rope_qk_call(q.dtype, interleaved)
-    q_out, k_out = _launch(kind, call, [q, k, *tables], [q.shape, k.shape], q.size + k.size)
+    q_out, k_out = launch(kind, call, [q, k, *tables], [q.shape, k.shape], q.size + k.size)
     return q_out, k_out
 
 
-def _kv_block_threads(k: mx.array, group_size: int) -> int:
-    """One simdgroup/warp per key group (b, h, channel, block), each paired with a value group."""
-    return k.size // group_size * SIMD_WIDTH
-
-
-def _kv_block_launch(
-    kind: str, k: mx.array, v: mx.array, tables: Tables | None, interleaved: bool, bits: int, group_size: int
-) -> tuple[Packed, Packed]:
-    """rope_kv_block's launch; `tables` None: the keys are stored as given (ROTATE false)."""
-    batch, heads, length, head_dim = k.shape
-    key_words, key_groups = (
-        (batch, heads, head_dim, length * bits // 32),
-        (batch, heads, head_dim, length // group_size),
-    )
-    value_words = (batch, heads, length, head_dim * bits // 32)
-    value_groups = (batch, heads, length, head_dim // group_size)
-    rotate = tables is not None
-    if not rotate:
-        tables = (placeholder(mx.float32),) * 2  # with ROTATE false only their shape is read
-    outputs = _launch(
-        kind,
-        _rope_kv_block_call(k.dtype, interleaved and rotate, rotate, bits, group_size),
-        [k, v, *tables],
-        [key_words, key_groups, key_groups, value_words, value_groups, value_groups],
-        _kv_block_threads(k, group_size),
-    )
-    return tuple(outputs[:3]), tuple(outputs[3:])
-
-
-# --- the three operations, each by dispatch, by kernel and by reference ---------------------------------
+# --- the two operations, each by dispatch, by kernel and by reference -----------------------------------
 
 
 def rope(
@@ -350,9 +265,9 @@ def rope(
     (2, B or 1, L, R/2) with `two_d`), by the kernel of `mlxfam.kernels.backend(choice)` where one
     runs and takes the call (`kernel_unsupported`), else by the reference (module docstring)."""
     tables = _checked_rope(x, cos, sin, rotary_dims, two_d)
-    kind = _chosen(choice, x.size)
+    kind = chosen("rope", choice, x.size)
     if kind is None:
-        return _rotated_reference(x, *tables, rotary_dims, interleaved)
+        return rotated_reference(x, *tables, rotary_dims, interleaved)
     return _rope_launch(kind, x, tables, interleaved)
 
 
@@ -369,48 +284,7 @@ def rope_qk(
 ) -> tuple[mx.array, mx.array]:
     """q (B, Hq, L, D) and k (B, Hk, L, D) rotated in one launch (see `rope`)."""
     tables = _checked_qk(q, k, cos, sin, rotary_dims, two_d)
-    kind = _chosen(choice, q.size + k.size)
+    kind = chosen("rope", choice, q.size + k.size)
     if kind is None:
-        return tuple(_rotated_reference(x, *tables, rotary_dims, interleaved) for x in (q, k))
+        return tuple(rotated_reference(x, *tables, rotary_dims, interleaved) for x in (q, k))
     return _rope_qk_launch(kind, q, k, tables, interleaved)
-
-
-def rope_kv_block(
-    k: mx.array,
-    v: mx.array,
-    cos: mx.array,
-    sin: mx.array,
-    *,
-    rotary_dims: int,
-    interleaved: bool,
-    two_d: bool = False,
-    bits: int,
-    group_size: int,
-    choice: str | None = None,
-) -> tuple[Packed, Packed]:
-    """The fused cache write of a quantizing cache: k (B, H, L, D) rotated (see `rope`) and, with
-    v (B, H, L, D), quantized a block of `group_size` tokens at a time (L a multiple of it) into the
-    cache's packed layout, in one launch. Returns ((k_data, k_scales, k_biases), (v_data, v_scales,
-    v_biases)): the keys per channel over each block's slots, (B, H, D, L*bits/32) words and
-    (B, H, D, L/group_size) scales/biases; the values per token, (B, H, L, D*bits/32) and
-    (B, H, L, D/group_size). Each equals `mx.quantize` of the rotated keys transposed (of the values
-    as they are) on the device that runs it: the kernels follow MLX's GPU rule, where a group's
-    maximum counts from 0 (its CPU rule counts from the group's own maximum)."""
-    tables = _checked_kv(k, v, cos, sin, rotary_dims, two_d, bits, group_size)
-    kind = _chosen(choice, _kv_block_threads(k, group_size))
-    if kind is None:
-        return _blocks_reference(_rotated_reference(k, *tables, rotary_dims, interleaved), v, bits, group_size)
-    return _kv_block_launch(kind, k, v, tables, interleaved, bits, group_size)
-
-
-def quantize_kv_blocks(
-    k: mx.array, v: mx.array, *, bits: int, group_size: int, choice: str | None = None
-) -> tuple[Packed, Packed]:
-    """`rope_kv_block` for keys already rotated: k and v (B, H, L, D), L a multiple of
-    `group_size`, quantized into the cache's packed layout in one launch (the kernel's, else
-    `mx.quantize` of k transposed and of v), as `rope_kv_block` returns them."""
-    _checked_blocks(k, v, bits, group_size)
-    kind = _chosen(choice, _kv_block_threads(k, group_size))
-    if kind is None:
-        return _blocks_reference(k, v, bits, group_size)
-    return _kv_block_launch(kind, k, v, None, False, bits, group_size)

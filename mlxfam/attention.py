@@ -1,7 +1,7 @@
 """Scaled dot-product attention: the one function every model's attention goes through.
 
 `attend` is the dispatch seam: it takes queries `(B, heads, L, d)` and the keys/values a cache
-returned, `(B, kv_heads, S, d)` arrays or `QuantizedKV` (packed, see `mlxfam.cache`); GQA: query
+returned, `(B, kv_heads, S, d)` arrays or `QuantizedKV` (packed, see `mlxfam.kv_layout`); GQA: query
 head h reads kv head h // (heads / kv_heads). The mask is "causal" (the queries are the last L of
 the S keys), None (all visible), a boolean array (True = visible) or an additive float array
 (ALiBi biases, with -inf where hidden), broadcastable to `(B, heads, L, S)`.
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .cache import QuantizedKV, slot_count
 from .kernels.attention import attention, kernel_attention
+from .kv_layout import QuantizedKV, slot_count
 
 # 2^20 scores (4 MiB in float32) per query chunk: with the few same-sized temporaries of the
 # softmax, below the float16 score matrix of a 512-token prefill step over 1k keys or more.

@@ -12,33 +12,10 @@ dtype, or, with `bits` set, quantized (`QuantizedKV`). With `quantized_kv_start`
 quantizing cache stores plain arrays until it holds N tokens; its next update then quantizes what
 it holds and everything after is stored quantized.
 
-Packed layout of a quantizing cache (what `mlxfam.attention` reads with `mx.quantize`d matmuls,
-and what the kernels in `mlxfam.kernels` read directly). Tokens are quantized a block of
-`group_size` (G) at a time, with MLX's affine quantization (`bits` 4 or 8; element = scale * u + bias,
-u the unsigned `bits`-bit integer; a scale may be negative: MLX anchors the bias at the group's edge
-of larger magnitude), by `mlxfam.kernels.rope.quantize_kv_blocks` (keys and values of whole blocks in
-one launch of the Metal/CUDA cache write on a GPU, `mx.quantize` elsewhere). Until a block is full
-its tokens wait in a float tail. Per layer, a
-`QuantizedKV` for the keys and one for the values:
-
-    keys, per channel over each block's G slots (outlier channels get their own scale):
-        data    uint32       (B, kv_heads, head_dim, S * bits // 32)
-        scales  keys' dtype  (B, kv_heads, head_dim, S // G)
-        biases  keys' dtype  (B, kv_heads, head_dim, S // G)
-    values, per slot over groups of G consecutive head_dim elements:
-        data    uint32       (B, kv_heads, S, head_dim * bits // 32)
-        scales  dtype        (B, kv_heads, S, head_dim // G)
-        biases  dtype        (B, kv_heads, S, head_dim // G)
-    tail        dtype        (B, kv_heads, T, head_dim), T < G: the newest tokens, not yet quantized
-
-Key (slot s, channel d) = scales[b, h, d, s // G] * u + biases[b, h, d, s // G], u at bit offset
-(s * bits) % 32 of word data[b, h, d, s * bits // 32]; value (s, d) = scales[b, h, s, d // G] * u +
-biases[b, h, s, d // G], u at bit (d * bits) % 32 of word data[b, h, s, d * bits // 32]. A word holds
-32 // bits elements, the lowest-numbered in its lowest bits. The keys are thus `mx.quantize(K^T)`:
-q @ K^T is `mx.quantized_matmul(q, data, scales, biases, transpose=False)`, as p @ V is for the values.
-Per-channel keys matter: SmolLM2's keys carry channels of |k| ~15 among values of ~1.4, and groups
-along head_dim spend their range on them (4-bit KV perplexity +13.0% per token, +0.03% per channel
-with group 64; README).
+The packed form is `mlxfam.kv_layout`'s: tokens are quantized a block of `group_size` at a time
+(keys per channel, values per token), by `mlxfam.kernels.kv_write.quantize_kv_blocks` (keys and values
+of whole blocks in one launch of the Metal/CUDA cache write on a GPU, `mx.quantize` elsewhere), and
+until a block is full its tokens wait in a float tail.
 
 Slots: the S packed slots come first, then the T tail slots. A standard cache holds them in token
 order. A rotating cache holds its packed blocks in no particular order (a block is the unit it keeps
@@ -56,51 +33,8 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import MlxfamError
-from .kernels import KV_BITS, KV_GROUP_SIZES
-from .kernels.rope import quantize_kv_blocks
-
-PACKED_PARTS = ("data", "scales", "biases", "tail")
-
-
-class NotAPlainArray(MlxfamError, AttributeError):
-    """Quantized keys/values reached code that reads cached keys as a plain array (an AttributeError
-    too, so `hasattr` still answers)."""
-
-
-class QuantizedKV(NamedTuple):
-    """Keys (`per_channel`) or values of a quantizing cache, as the module docstring lays them out."""
-
-    data: mx.array
-    scales: mx.array
-    biases: mx.array
-    tail: mx.array
-    group_size: int
-    bits: int
-    per_channel: bool
-
-    @property
-    def packed_slots(self) -> int:
-        return self.scales.shape[-1] * self.group_size if self.per_channel else self.data.shape[2]
-
-    @property
-    def slots(self) -> int:
-        return self.packed_slots + self.tail.shape[2]
-
-    @property
-    def arrays(self) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-        return self.data, self.scales, self.biases, self.tail
-
-    def __getattr__(self, name: str):
-        # Reached only for what a QuantizedKV lacks: a family that reworks the keys a cache hands back
-        # (InternLM's dynamic rotary re-rotates them every step) cannot read them packed.
-        raise NotAPlainArray(
-            f"this model reads its cached keys and values as plain arrays (.{name}), which a quantized "
-            "KV cache does not hand back: kv_bits is not supported for it"
-        )
-
-
-def slot_count(x: mx.array | QuantizedKV) -> int:
-    return x.slots if isinstance(x, QuantizedKV) else x.shape[2]
+from .kernels.kv_write import quantize_kv_blocks
+from .kv_layout import KV_BITS, KV_GROUP_SIZES, QUANTIZED_ARRAYS, QuantizedKV
 
 
 class Units(NamedTuple):
@@ -160,7 +94,7 @@ def plain_units(x: mx.array) -> Units:
 
 
 def packed_blocks(parts, group_size: int, bits: int, per_channel: bool) -> Units:
-    """Packed (data, scales, biases) in the module's layout, as units of a block each."""
+    """Packed (data, scales, biases) in `mlxfam.kv_layout`'s layout, as units of a block each."""
     if per_channel:
         return Units(tuple(parts), (3, 3, 3), (group_size * bits // 32, 1, 1))
     return Units(tuple(parts), (2, 2, 2), (group_size,) * 3)
@@ -169,9 +103,9 @@ def packed_blocks(parts, group_size: int, bits: int, per_channel: bool) -> Units
 def packed_kv_units(
     keys: mx.array, values: mx.array, group_size: int, bits: int, choice: str | None = None
 ) -> tuple[Units, Units]:
-    """`(B, kv_heads, n * group_size, head_dim)` keys and values quantized into n blocks of the
-    module's layout, in one launch of the kernels' cache write where a GPU kernel runs (`choice`:
-    `mlxfam.kernels.backend`'s)."""
+    """`(B, kv_heads, n * group_size, head_dim)` keys and values quantized into n blocks of
+    `mlxfam.kv_layout`'s layout, in one launch of the kernels' cache write where a GPU kernel runs
+    (`choice`: `mlxfam.kernels.backend`'s)."""
     key_parts, value_parts = quantize_kv_blocks(keys, values, bits=bits, group_size=group_size, choice=choice)
     return (
         packed_blocks(key_parts, group_size, bits, per_channel=True),
@@ -399,7 +333,7 @@ class _Cache:
         if self.keys is not None:
             for name, x in zip(("keys", "values"), self.held):
                 if isinstance(x, QuantizedKV):
-                    arrays.update({f"{name}.{part}": a for part, a in zip(PACKED_PARTS, x.arrays)})
+                    arrays.update({f"{name}.{part}": a for part, a in zip(QUANTIZED_ARRAYS, x.arrays)})
                 else:
                     arrays[name] = x
         return arrays, {"offset": self.offset, "family_state": self.family_state}
@@ -409,9 +343,9 @@ class _Cache:
         self.offset, self.family_state = info["offset"], info["family_state"]
         if "keys" in arrays and "values" in arrays:
             self.keys, self.values = plain_units(arrays["keys"]), plain_units(arrays["values"])
-        elif all(f"{name}.{part}" in arrays for name in ("keys", "values") for part in PACKED_PARTS):
+        elif all(f"{name}.{part}" in arrays for name in ("keys", "values") for part in QUANTIZED_ARRAYS):
             key_parts, value_parts = (
-                [arrays[f"{name}.{part}"] for part in PACKED_PARTS] for name in ("keys", "values")
+                [arrays[f"{name}.{part}"] for part in QUANTIZED_ARRAYS] for name in ("keys", "values")
             )
             self.key_tail, self.value_tail = key_parts.pop(), value_parts.pop()
             self.keys = packed_blocks(key_parts, self.group_size, self.bits, per_channel=True)

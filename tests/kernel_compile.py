@@ -27,12 +27,14 @@ not every thread reaches shows up as a deadlock.
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlxfam.kernels import prelude, sections, split_sections
 
 NVCC = shutil.which("nvcc")
 MAX_NDIM = 10  # mlx/backend/cuda/device/config.h
@@ -132,6 +134,47 @@ def nvcc_compile(source: str, workdir: Path, optimize: bool = True) -> None:
         text=True,
     )
     assert result.returncode == 0, f"nvcc failed on {path}:\n{result.stderr}"
+
+
+# --- the Metal and CUDA twins ------------------------------------------------------------------
+
+# What only one platform spells so (CUDA's or Metal's qualifiers, thread indices, shuffles, barriers,
+# shared memory, math functions): the kernels' shared text must name none of it outside comments.
+PLATFORM_WORDS = re.compile(
+    r"__\w+|\b(?:threadIdx|blockIdx|blockDim|gridDim|cuda|metal|threadgroup|device|constant|"
+    r"thread_\w+|simd\w*|simdgroup_\w+|quadgroup_\w+|f?(?:min|max|abs|exp|tanh|round)f|ushort)\b"
+)
+# What a prelude defines: macros, helper functions (return type, name, parameters) and the indices.
+PRELUDE_NAMES = re.compile(
+    r"^#define (\w+)|^(?:__device__ __forceinline__ |inline )(\w+ \w+\([^)]*\))|^\s*const \w+ (\w+) =",
+    re.MULTILINE,
+)
+
+
+def uncommented(text: str) -> str:
+    return re.sub(r"//.*", "", text)
+
+
+def assert_one_algorithm(*kernels: str) -> None:
+    """The Metal and CUDA sources of `kernels` are one text: each backend's sections are its prelude's
+    then the shared text; the shared text names nothing of either platform; and the two preludes
+    define the same macros, helpers (same signatures) and thread indices, in the same order. So
+    what is checked of the CUDA kernels (compiled by nvcc, run by the emulation) holds of the Metal
+    kernels' algorithm."""
+    shared: dict[str, str] = {"header": ""}
+    for kernel in kernels:
+        for name, text in split_sections(f"{kernel}.inc").items():
+            shared[name] = shared[name] + text if name == "header" else text
+    for name, text in shared.items():
+        assert not PLATFORM_WORDS.findall(uncommented(text)), (name, PLATFORM_WORDS.findall(uncommented(text)))
+    defined = {}
+    for kind in ("metal", "cuda"):
+        platform = prelude(kind)
+        expected = {name: platform["indices"] + text for name, text in shared.items()}
+        expected["header"] = platform["header"] + shared["header"]
+        assert sections(kind, *kernels) == expected, kind
+        defined[kind] = PRELUDE_NAMES.findall(uncommented(platform["header"] + platform["indices"]))
+    assert defined["metal"] == defined["cuda"] and len(defined["cuda"]) > 10, defined
 
 
 # --- running kernel bodies on the CPU ----------------------------------------------------------

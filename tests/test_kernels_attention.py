@@ -22,6 +22,7 @@ from kernel_compile import (
     GXX,
     NVCC,
     Emulation,
+    assert_one_algorithm,
     cuda_source,
     emulated_function,
     kernel_function,
@@ -38,8 +39,8 @@ from mlxfam.kernels.attention import (
 )
 
 from mlxfam.attention import attend
-from mlxfam.cache import QuantizedKV
 from mlxfam.errors import MlxfamError
+from mlxfam.kv_layout import QuantizedKV
 
 TOLERANCE = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}
 PLAIN = None
@@ -78,8 +79,7 @@ def decode(x: mx.array | QuantizedKV) -> np.ndarray:
     return np.concatenate([packed, as_float64(x.tail)], axis=2)
 
 
-def naive_attention(q, k, v, *, scale, mask=None, softcap=None, key_positions=None, query_positions=None,
-                    window=None, alibi_slopes=None) -> np.ndarray:  # fmt: skip
+def naive_attention(q, k, v, *, scale, mask=None, softcap=None) -> np.ndarray:
     queries, keys, values = as_float64(q), decode(k), decode(v)
     heads, length = queries.shape[1:3]
     groups = heads // keys.shape[1]
@@ -95,13 +95,6 @@ def naive_attention(q, k, v, *, scale, mask=None, softcap=None, key_positions=No
         visible &= np.array(mask)
     elif mask is not None:
         scores = scores + as_float64(mask)
-    if key_positions is not None:
-        offsets = np.array(key_positions)[None, :] - np.array(query_positions)[:, None]
-        visible &= offsets <= 0
-        if window is not None:
-            visible &= offsets > -window
-        if alibi_slopes is not None:
-            scores = scores + as_float64(alibi_slopes)[None, :, None, None] * offsets
     scores = np.where(visible, scores, -np.inf)
     weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
     weights /= weights.sum(axis=-1, keepdims=True)
@@ -247,38 +240,11 @@ def test_masks(implementation, mask_kind, cache, length):
     check(implementation, q, k, v, scale=0.125, mask=MASKS[mask_kind](length, n_keys))
 
 
-def rotated_positions(n_keys: int, length: int, first_query: int | None = None, shift: int = 23):
-    """Positions of a rotating cache's slots (not in order) and of `length` queries from
-    `first_query` on (by default the last `length` positions)."""
-    key_positions = mx.array(np.roll(np.arange(n_keys), shift), dtype=mx.int32)
-    first_query = n_keys - length if first_query is None else first_query
-    return key_positions, mx.arange(first_query, first_query + length, dtype=mx.int32)
-
-
 def every_mask_case(cache, dim, dtype, length=2):
-    """Softcap, an additive mask, rotated positions (queries amid the keys), a window and ALiBi
-    slopes, all at once."""
+    """Softcap and an additive per-head mask (ALiBi-like biases, -inf where hidden) at once."""
     n_keys = n_keys_for(cache)
-    key_positions, query_positions = rotated_positions(n_keys, length, first_query=150)
-    keywords = dict(
-        scale=dim**-0.5, softcap=2.0, mask=additive_mask((1, 4, length, n_keys), seed=5), key_positions=key_positions,
-        query_positions=query_positions, window=100, alibi_slopes=mx.array([0.5, 0.25, 0.125, 0.0625]),
-    )  # fmt: skip
+    keywords = dict(scale=dim**-0.5, softcap=2.0, mask=additive_mask((1, 4, length, n_keys), seed=5))
     return make_queries(1, 4, length, dim, dtype) * 3, *make_kv(cache, 1, 2, n_keys, dim, dtype), keywords
-
-
-@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
-@pytest.mark.parametrize("window", [None, 1, 4, 37])
-@pytest.mark.parametrize("first_query", [None, 100], ids=["last-queries", "queries-at-100"])
-@pytest.mark.parametrize("cache", [PLAIN, (4, 64)], ids=cache_id)
-def test_positions_windows_and_alibi(implementation, cache, first_query, window, alibi):
-    n_keys, length = n_keys_for(cache), 3
-    key_positions, query_positions = rotated_positions(n_keys, length, first_query)
-    slopes = mx.array([2.0 ** -(i + 1) for i in range(4)]) if alibi else None
-    q = make_queries(1, 4, length, 64, mx.bfloat16)
-    k, v = make_kv(cache, 1, 2, n_keys, 64, mx.bfloat16)
-    check(implementation, q, k, v, scale=0.125, key_positions=key_positions, query_positions=query_positions,
-          window=window, alibi_slopes=slopes)  # fmt: skip
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "additive-per-row"])
@@ -345,10 +311,10 @@ EMULATED_CASES = {
 
 
 def kernel_call(q, k, v, keywords):
-    masks = kernels_attention.Masks(**{name: keywords.get(name) for name in kernels_attention.Masks._fields})
-    shape = kernels_attention._check(q, k, v, masks)
+    mask = keywords.get("mask")
+    shape = kernels_attention._check(q, k, v, mask)
     assert kernels_attention._unsupported(shape, q, k, v) is None
-    return kernels_attention._partial_call(shape, q, k, v, keywords["scale"], keywords.get("softcap"), masks)
+    return kernels_attention._partial_call(shape, q, k, v, keywords["scale"], keywords.get("softcap"), mask)
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +322,7 @@ def emulation(tmp_path_factory):
     """The partial and reduce kernels of every EMULATED_CASES call, compiled for the CPU."""
     if GXX is None:
         pytest.skip("g++ is not installed")
-    cuda = sections("attention", "cuda")
+    cuda = sections("cuda", "attention")
     functions = []
     for build in EMULATED_CASES.values():
         q, k, v, keywords = build()
@@ -507,20 +473,6 @@ def test_kernel_unsupported_names_the_reason():
     [
         (dict(mask="sliding"), "only mask named by a string is 'causal'"),
         (dict(mask=mx.ones((3, 40), dtype=mx.bool_)), "does not broadcast"),
-        (dict(key_positions=mx.arange(40, dtype=mx.int32)), "give both or neither"),
-        (dict(window=8), "need key_positions and query_positions"),
-        (
-            dict(key_positions=mx.arange(40, dtype=mx.int32), query_positions=mx.array([39], dtype=mx.int32), window=0),
-            "window 0",
-        ),
-        (
-            dict(
-                key_positions=mx.arange(40, dtype=mx.int32),
-                query_positions=mx.array([39], dtype=mx.int32),
-                alibi_slopes=mx.ones((2,)),
-            ),
-            "one per query head",
-        ),
     ],
 )
 def test_bad_input_is_a_clear_error(change, message):
@@ -542,19 +494,12 @@ def test_bad_operands_are_clear_errors():
 
 # --- the sources -----------------------------------------------------------------------------------
 
-PLATFORM_BLOCK = re.compile(r"  // platform-specific: begin\n.*?  // platform-specific: end\n", re.DOTALL)
 
-
-def test_metal_and_cuda_bodies_are_the_same_text():
-    """Apart from the marked platform blocks (thread indices, shared memory), the kernel bodies are
-    identical, so what is checked of one (compiled, run) holds of the other's algorithm."""
-    metal, cuda = (sections("attention", kind) for kind in ("metal", "cuda"))
-    assert list(metal) == list(cuda) == ["header", "attention_partial", "attention_reduce"]
-    for kernel in ("attention_partial", "attention_reduce"):
-        assert PLATFORM_BLOCK.search(metal[kernel]) and PLATFORM_BLOCK.search(cuda[kernel])
-        assert PLATFORM_BLOCK.sub("", metal[kernel]) == PLATFORM_BLOCK.sub("", cuda[kernel])
-    helpers = re.compile(r"^(?:__device__ __forceinline__ |inline )(\w+ \w+)\(", re.MULTILINE)
-    assert helpers.findall(metal["header"]) == helpers.findall(cuda["header"])
+def test_metal_and_cuda_kernels_are_one_text():
+    """One text after each platform's prelude (`assert_one_algorithm`), so what is checked of the
+    CUDA kernel (compiled, run) holds of the Metal kernel's algorithm."""
+    assert list(sections("cuda", "attention")) == ["header", "attention_partial", "attention_reduce"]
+    assert_one_algorithm("attention")
 
 
 def launcher_requests():
@@ -568,9 +513,8 @@ def launcher_requests():
             q = mx.zeros((1, rows, 1, dim), dtype=dtype)
             for cache in (PLAIN, (4, 32)) if dim % 32 == 0 else (PLAIN,):
                 k, v = make_kv(cache, 1, 1, n_keys_for(cache, packed_slots=32), dim, dtype)
-                masks = kernels_attention.Masks()
-                shape = kernels_attention._check(q, k, v, masks)
-                call = kernels_attention._partial_call(shape, q, k, v, 1.0, None, masks)
+                shape = kernels_attention._check(q, k, v, None)
+                call = kernels_attention._partial_call(shape, q, k, v, 1.0, None, None)
                 partial.append((call.template, [x.dtype for x in call.inputs], dtype))
             rows *= 2
         reduce.append(kernels_attention._reduce_template(dtype, dim))
@@ -579,7 +523,7 @@ def launcher_requests():
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 def test_cuda_source_compiles_for_every_instantiation(tmp_path):
-    cuda = sections("attention", "cuda")
+    cuda = sections("cuda", "attention")
     partial, reduce = launcher_requests()
     functions = [
         kernel_function(

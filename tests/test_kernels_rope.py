@@ -16,26 +16,27 @@ from kernel_compile import (
     GXX,
     NVCC,
     Emulation,
+    assert_one_algorithm,
     cuda_source,
     emulated_function,
     kernel_function,
     nvcc_compile,
 )
-from mlxfam.kernels import backend, sections
+from mlxfam.kernels import backend, kv_write, sections
 from mlxfam.kernels import rope as kernels_rope
+from mlxfam.kernels.kv_write import quantize_kv_blocks, rope_kv_block
 from mlxfam.kernels.rope import (
     MAX_THREADS,
     kernel_calls,
     kernel_unsupported,
-    quantize_kv_blocks,
     rope,
-    rope_kv_block,
     rope_qk,
     rope_table,
 )
 
-from mlxfam.cache import KV_BITS, KV_GROUP_SIZES, KVCache
+from mlxfam.cache import KVCache
 from mlxfam.errors import MlxfamError
+from mlxfam.kv_layout import KV_BITS, KV_GROUP_SIZES
 from mlxfam.models.rope import _llama3_inv_freq, _yarn, default_inv_freq
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -381,25 +382,17 @@ def test_kernel_takes_every_launch_a_grid_holds():
 # --- the sources ------------------------------------------------------------------------------------------
 
 
-def test_metal_and_cuda_sources_are_parallel():
-    """The twins stay line for line: the same sections of as many lines, and kernel bodies of the same
-    text except where each takes its thread's index."""
-    metal, cuda = sections("rope", "metal"), sections("rope", "cuda")
-    assert list(metal) == list(cuda) == ["header", "rope", "rope_qk", "rope_kv_block"]
-    for name in metal:
-        metal_lines, cuda_lines = metal[name].splitlines(), cuda[name].splitlines()
-        assert len(metal_lines) == len(cuda_lines), name
-        if name != "header":
-            for metal_line, cuda_line in zip(metal_lines, cuda_lines):
-                takes_index = "thread_position_in_grid" in metal_line or "thread_index_in_simdgroup" in metal_line
-                assert metal_line == cuda_line or (takes_index and "threadIdx" in cuda_line), (name, metal_line)
+def test_metal_and_cuda_sources_are_one_text():
+    """The rotation and the cache write: one text after each platform's prelude (`assert_one_algorithm`)."""
+    assert list(sections("cuda", *kv_write.SOURCES)) == ["header", "rope", "rope_qk", "rope_kv_block"]
+    assert_one_algorithm(*kv_write.SOURCES)
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 def test_cuda_sources_compile(tmp_path):
     """Every launch the Python side can request, wrapped in the signature mx.fast.cuda_kernel generates."""
-    cuda = sections("rope", "cuda")
-    calls = kernel_calls()
+    cuda = sections("cuda", *kv_write.SOURCES)
+    calls = kernel_calls() + kv_write.kernel_calls()
     # Per dtype: rope and rope_qk per pairing, rope_kv_block per packing, rotating by either pairing or not.
     assert len(calls) == len(DTYPES) * (2 * 2 + 3 * len(KV_BITS) * len(KV_GROUP_SIZES))
     functions = [
@@ -504,11 +497,11 @@ EMULATED_CASES = {
 @contextmanager
 def cuda_kernels(launch):
     """mlxfam.kernels.rope as on a CUDA GPU, its kernels built by `launch`: each call of a kernel
-    object is `launch(section, input_names, output_names, **arguments)`, with the section of rope.cu
+    object is `launch(section, input_names, output_names, **arguments)`, with the CUDA section
     `_kernel` would hand mx.fast.cuda_kernel and the arguments `_launch` passes the kernel object
     (inputs, template, grid, threadgroup, output_shapes, output_dtypes)."""
 
-    def kernel(kind, name, body, input_names, output_names):
+    def kernel(kind, sources, name, body, input_names, output_names):
         assert kind == "cuda" and name == f"mlxfam_{body}"
         return lambda **arguments: launch(body, input_names, output_names, **arguments)
 
@@ -523,7 +516,7 @@ def emulation(tmp_path_factory):
     """Every instantiation the EMULATED_CASES launch, as the launchers request them, compiled once for the CPU."""
     if GXX is None:
         pytest.skip("g++ is not installed")
-    cuda, functions = sections("rope", "cuda"), []
+    cuda, functions = sections("cuda", *kv_write.SOURCES), []
 
     def record(body, input_names, output_names, *, inputs, template, output_shapes, output_dtypes, **_):
         inputs, outputs = zip(input_names, [x.dtype for x in inputs]), zip(output_names, output_dtypes)

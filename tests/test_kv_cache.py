@@ -21,7 +21,8 @@ from mlxfam_apps.chat import ChatSession
 import mlxfam
 from mlxfam import attention
 from mlxfam.attention import attend
-from mlxfam.cache import KVCache, QuantizedKV, RotatingKVCache
+from mlxfam.cache import KVCache, RotatingKVCache
+from mlxfam.kv_layout import QuantizedKV
 from mlxfam.models import family_for
 from mlxfam.quantize import dequantize_model
 
