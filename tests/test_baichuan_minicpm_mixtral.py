@@ -1,5 +1,5 @@
 """Baichuan (ALiBi slopes and masks, NormHead, variant rules), MiniCPM and Mixtral (expert paths,
-quantization, mlx-lm conversions), against the golden fixtures, FAMILIES.md and mlx-lm."""
+quantization, mlx-lm conversions), against the golden fixtures, docs/families.md and mlx-lm."""
 
 import json
 import math
@@ -37,7 +37,7 @@ def assert_matches_golden(model, variant: str, atol: float = 1e-4):
 
 
 def test_alibi_slopes_follow_the_closed_form_rule():
-    """FAMILIES.md §8: a power of two n gives 2^(-8(k+1)/n); otherwise the slopes of the nearest lower
+    """docs/families.md#alibi: a power of two n gives 2^(-8(k+1)/n); otherwise the slopes of the nearest lower
     power of two m, then every other slope of the 2m series (40 heads: 2^(-(k+1)/4), then 2^(-(2j+1)/8))."""
     six = [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]  # also the golden's meta.derived.alibi_slopes
     forty = [2 ** (-(k + 1) / 4) for k in range(32)] + [2 ** (-(2 * j + 1) / 8) for j in range(8)]

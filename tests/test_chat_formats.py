@@ -1,6 +1,6 @@
 """Tokenizers and chat prompts of the families whose repositories ship them as Python code (Qwen 1, ChatGLM 1/2/3,
 Baichuan 1/2, InternLM 1/2, MiniCPM), checked against tiktoken and SentencePiece run directly and against the prompt
-layouts of FAMILIES.md written out by hand.
+layouts of docs/families.md written out by hand.
 
 Qwen 1 and InternLM use their real vocabulary files. The others get a small SentencePiece model trained here, with
 the pieces their tokenizer code relies on put at the ids the original files have them (Baichuan's
@@ -123,7 +123,7 @@ def qwen_reference(qwen_dir) -> tiktoken.Encoding:
 def test_qwen_chatml_with_default_system(qwen_dir, qwen_reference):
     tokenizer = load_tokenizer(qwen_dir)
     ids, text = chat(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
-    # FAMILIES.md §10, with chat()'s default system prompt.
+    # docs/families.md#qwen-1, with chat()'s default system prompt.
     assert text == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
@@ -234,7 +234,7 @@ def test_internlm_prompt(internlm_model, tmp_path):
     ids, text = chat(tokenizer, messages)
     assert text == "<|User|>:Hello<eoh>\n<|Bot|>:Hi, how can I help?<eoa>\n<|User|>:你好<eoh>\n<|Bot|>:"
     assert ids == [1, *processor(internlm_model).encode(text)]  # BOS added by the tokenizer
-    # Stop on </s>, <eoa> 103028 and <eoh> 103027 (FAMILIES.md §16, lmdeploy's stop ids).
+    # Stop on </s>, <eoa> 103028 and <eoh> 103027 (docs/families.md#internlm, lmdeploy's stop ids).
     assert tokenizer.eos_token_ids == [2, 103028, 103027]
     with pytest.raises(MlxfamError, match="InternLM format takes no system message at all"):
         tokenizer.apply_chat_template([{"role": "system", "content": "x"}, *messages])
@@ -467,7 +467,7 @@ def glm_dir(directory: Path, model: bytes, name_or_path: str) -> Path:
 def test_chatglm2_prefix_and_rounds(glm2_model, tmp_path):
     tokenizer = load_tokenizer(glm_dir(tmp_path, glm2_model, "THUDM/chatglm2-6b"))
     sp = processor(glm2_model)
-    # FAMILIES.md §14: [MASK] 64789, [gMASK] 64790, [sMASK] 64791, sop 64792, eop 64793; prefix [gMASK] sop.
+    # docs/families.md#chatglm2: [MASK] 64789, [gMASK] 64790, [sMASK] 64791, sop 64792, eop 64793; prefix [gMASK] sop.
     assert tokenizer.encode("Hello") == [64790, 64792, *sp.encode("Hello")]
     assert tokenizer.encode("[gMASK]sop", add_special_tokens=False) == sp.encode("[gMASK]sop")  # never text-matched
     assert tokenizer.decode([64789, 64793], skip_special_tokens=True) == ""
@@ -494,7 +494,7 @@ def test_chatglm3_chat_input(glm2_model, tmp_path):
         {"role": "observation", "content": "sunny"},
     ]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    # FAMILIES.md §15: <|system|> 64794, <|user|> 64795, <|assistant|> 64796, <|observation|> 64797.
+    # docs/families.md#chatglm3: <|system|> 64794, <|user|> 64795, <|assistant|> 64796, <|observation|> 64797.
     system = "Answer briefly.\n" + json.dumps(tools, indent=4, ensure_ascii=False)
     assert ids == [
         64790, 64792,

@@ -174,7 +174,7 @@ def test_internlm1_rotary_types_match_the_reference_below_max_positions(rotary_t
 
 
 def internlm_dynamic_reference(config: dict, weights: dict, chunks: list) -> list[np.ndarray]:
-    """float64 forward of the later InternLM code (FAMILIES.md §16), chunk after chunk: keys are
+    """float64 forward of the later InternLM code (docs/families.md#internlm), chunk after chunk: keys are
     cached un-rotated and, each forward, all of them are rotated with the table for the total length L
     (base * (f*L/max_pos - (f-1))^(d/(d-2)) past max_pos), as is the query."""
     w = {name: np.array(t, dtype=np.float64) for name, t in weights.items()}

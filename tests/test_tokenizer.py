@@ -107,7 +107,7 @@ def test_gguf_adds_bos_as_llama_cpp_does(gguf_tokenizer, name, bos):
 
 def test_gguf_special_tokens_and_stop_ids(gguf_tokenizer):
     llama3 = gguf_tokenizer("llama-bpe")
-    # FAMILIES.md §3: <|start_header_id|> 128006, <|end_header_id|> 128007, <|eot_id|> 128009.
+    # docs/families.md#llama-3: <|start_header_id|> 128006, <|end_header_id|> 128007, <|eot_id|> 128009.
     hello = llama_cpp_ids("llama-bpe", "Hello")
     assert llama3.encode("<|start_header_id|>Hello<|end_header_id|><|eot_id|>", add_special_tokens=False) == [
         128006,
@@ -134,7 +134,7 @@ def test_gguf_qwen2_chat_template(gguf_tokenizer):
     qwen2 = gguf_tokenizer("qwen2")
     messages = [{"role": "user", "content": "Hi"}]
     text = qwen2.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    # Qwen 1.5's ChatML with its default system prompt (FAMILIES.md §11: no final period).
+    # Qwen 1.5's ChatML with its default system prompt (docs/families.md#qwen2: no final period).
     assert text == (
         "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -176,7 +176,7 @@ def test_qwen1_pattern_and_specials(qwen1):
     assert pieces("Hello world") == ["Hello", " world"]
     assert pieces("I'm 2024") == ["I", "'m", " ", "2", "0", "2", "4"]  # \p{N}: one digit per token
     assert pieces("x\n\n  y") == ["x", "\n\n", " ", " y"]
-    # FAMILIES.md §10: <|endoftext|> 151643, <|im_start|> 151644, <|im_end|> 151645, <|extra_0|> 151646.
+    # docs/families.md#qwen-1: <|endoftext|> 151643, <|im_start|> 151644, <|im_end|> 151645, <|extra_0|> 151646.
     assert qwen1.encode("<|im_start|>user<|im_end|><|endoftext|>") == [151644, *qwen1.encode("user"), 151645, 151643]
     assert qwen1.encode("<|extra_0|><|extra_204|>") == [151646, 151850]
     assert qwen1.bos_token_id is None and qwen1.encode("Hi") == qwen1.encode("Hi", add_special_tokens=False)
@@ -207,7 +207,7 @@ def test_llama3_original_tiktoken_file(gguf_metadata, tmp_path):
     ]
     assert mismatches == []
     assert tokenizer.encode("Hi<|eot_id|>") == [128000, *tokenizer.encode("Hi", add_special_tokens=False), 128009]
-    assert tokenizer.eos_token_ids == [128001, 128008, 128009]  # FAMILIES.md §3
+    assert tokenizer.eos_token_ids == [128001, 128008, 128009]  # docs/families.md#llama-3
     assert tokenizer.get_vocab()["Ġworld"] == llama_cpp_ids("llama-bpe", "Hello world")[1]
 
 
@@ -246,7 +246,7 @@ def test_sentencepiece_model_matches_sentencepiece(internlm, sentencepiece_refer
 def test_sentencepiece_model_specials(internlm):
     assert (internlm.bos_token_id, internlm.eos_token_id, internlm.eos_token_ids) == (1, 2, [2])
     assert internlm.vocab_size == 103168
-    # FAMILIES.md §16: <eoh> 103027 and <eoa> 103028 (user-defined pieces, matched by SentencePiece itself).
+    # docs/families.md#internlm: <eoh> 103027 and <eoa> 103028 (user-defined pieces, matched by SentencePiece itself).
     hello = internlm.encode("Hello", add_special_tokens=False)
     assert internlm.encode("<s>Hello<eoa></s>", add_special_tokens=False) == [1, *hello, 103028, 2]
     assert internlm.decode([1, *hello, 103028, 2]) == "<s>Hello<eoa></s>"

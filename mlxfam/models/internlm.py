@@ -1,5 +1,5 @@
 """InternLM 1 (`InternLMForCausalLM`, remote code: internlm-7b, -20b): Llama with biases on q/k/v/o
-(config `bias`, default true) and the rotary variant its `rotary` field names (FAMILIES.md §16):
+(config `bias`, default true) and the rotary variant its `rotary` field names (docs/families.md#internlm):
 
 - "origin" (also a config without `rotary`, as the early code has no such field): fixed base;
 - "dynamic": the later code caches keys un-rotated and, at every step, rotates all of them with the

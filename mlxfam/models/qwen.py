@@ -1,5 +1,5 @@
 """Qwen 1 (`QWenLMHeadModel`, remote code): Llama with a fused, biased `c_attn` [q; k; v], the MLP
-c_proj(w1(x) * silu(w2(x))), and two inference-time length extensions (FAMILIES.md §10):
+c_proj(w1(x) * silu(w2(x))), and two inference-time length extensions (docs/families.md#qwen-1):
 
 - dynamic NTK: the rotary base becomes base * alpha^(d/(d-2)), with alpha taken once from the
   length of the first forward (the prompt) and reused by every later step of the sequence;
@@ -164,7 +164,7 @@ TIKTOKEN = TiktokenDefinition(
     specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205))),
     bos=None,
     eos="<|endoftext|>",
-    stops=("<|im_end|>", "<|im_start|>"),  # FAMILIES.md §10: chat stop words
+    stops=("<|im_end|>", "<|im_start|>"),  # docs/families.md#qwen-1: chat stop words
     nfc=True,
 )
 # `chat(system=...)`'s default (modeling_qwen.py).

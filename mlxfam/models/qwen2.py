@@ -13,7 +13,7 @@ _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def sliding_windows(hf: dict) -> tuple[int | None, ...]:
-    """transformers 5's rule (FAMILIES.md §11): with use_sliding_window, layers whose index is >=
+    """transformers 5's rule (docs/families.md#qwen2): with use_sliding_window, layers whose index is >=
     max_window_layers attend over the last `sliding_window` keys; `layer_types` may list it per layer."""
     layers = require(hf, "num_hidden_layers")
     window = require(hf, "sliding_window") if hf.get("use_sliding_window", False) else None
