@@ -123,7 +123,7 @@ def test_fused_qkv_rows_per_head_split_as_the_spec_lays_them_out():
 
 
 def original_rotary(x: np.ndarray, positions: np.ndarray, base: float, position_divisor: float) -> np.ndarray:
-    """FAMILIES §14: pairs (x[2i], x[2i+1]) of the first half of each head turn by
+    """docs/families.md#chatglm2: pairs (x[2i], x[2i+1]) of the first half of each head turn by
     (position / position_divisor) * base^(-2i/dims); the second half passes through."""
     dims = x.shape[-1] // 2
     theta = 1.0 / base ** (np.arange(0, dims, 2) / dims)
