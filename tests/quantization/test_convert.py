@@ -15,20 +15,20 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from commands import mlxfam_command
+from gguf_writer import write_yi_gguf
+from llama_cpp_vocab import VOCABS, llama_cpp_cases
 from mlx.utils import tree_flatten
 from mlx_lm.convert import mixed_quant_predicate_builder
 from mlx_lm.perplexity import eval_ppl
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
-from test_cli import mlxfam_command
-from test_gguf import write_yi_gguf
-from test_tokenizer import VOCABS, llama_cpp_cases
 
 import mlxfam
 from mlxfam import gguf
 from mlxfam.errors import MlxfamError
 from mlxfam.tokenizer import load_tokenizer, tokenizer_from_gguf
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 GOLDEN = DATA / "golden"
 LLAMA2 = GOLDEN / "llama2"
 TEXT = DATA / "alice_in_wonderland.txt"
@@ -256,7 +256,7 @@ def test_output_directory_must_be_new_or_empty(tmp_path):
         mlxfam.convert(LLAMA2, tmp_path / "out", bits=4)
 
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
+GOLDEN = Path(__file__).parents[1] / "data" / "golden"
 GOLDEN_VARIANTS = sorted(p.name for p in GOLDEN.iterdir() if (p / "golden.npz").is_file())
 
 

@@ -23,7 +23,7 @@ from mlxfam.errors import MlxfamError
 from mlxfam.models.internlm2 import DEFAULT_SYSTEM as INTERNLM2_DEFAULT_SYSTEM
 from mlxfam.tokenizer import load_tokenizer
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 TOKENIZERS = DATA / "tokenizers"
 
 CORPUS = [

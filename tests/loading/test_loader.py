@@ -10,7 +10,7 @@ import pytest
 import mlxfam
 from mlxfam.errors import MlxfamError
 
-LLAMA2 = Path(__file__).parent / "data" / "golden" / "llama2"
+LLAMA2 = Path(__file__).parents[1] / "data" / "golden" / "llama2"
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
+from golden import FP32_TOLERANCE, GOLDEN, fixture, max_error
 from mlxfam_apps.cli import main
-from test_golden import GOLDEN, fixture, max_error
 
 import mlxfam
 from mlxfam.cache import KVCache, RotatingKVCache
@@ -21,7 +21,6 @@ from mlxfam.errors import MlxfamError
 from mlxfam.loader import build_model
 from mlxfam.models.gemma3 import CHAT_FORMAT
 
-FP32_TOLERANCE = 1e-4  # what tests/test_golden.py asserts
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
 
 

@@ -13,7 +13,7 @@ import mlxfam
 from mlxfam.loader import load_weights, read_config, weight_files
 from mlxfam.models import FAMILIES, family_for
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
+GOLDEN = Path(__file__).parents[1] / "data" / "golden"
 VARIANTS = sorted(p.name for p in GOLDEN.iterdir() if (p / "golden.npz").is_file())
 
 

@@ -26,7 +26,7 @@ from mlxfam.kv_layout import QuantizedKV
 from mlxfam.models import family_for
 from mlxfam.quantize import dequantize_model
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 GOLDEN = DATA / "golden"
 REAL = DATA / "golden-real" / "smollm2-135m"
 DIM = 64  # head_dim of the synthetic tensors and of the tiny model below

@@ -4,25 +4,17 @@ Tests marked `end_to_end` load SmolLM2-135M through the whole library (hub, load
 tokenizer, generation), so they fail while any of those parts is missing or broken.
 """
 
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from commands import mlxfam_command
 from mlxfam_apps.chat import ChatSession, run_chat
 
 import mlxfam
 
 CAPITAL_QUESTION = "What is the capital of France?"
-
-
-def mlxfam_command() -> str:
-    # The script installed next to this Python: the package under test, not the checkout.
-    script = shutil.which("mlxfam", path=str(Path(sys.executable).parent)) or shutil.which("mlxfam")
-    assert script, "no `mlxfam` command: install the package first (pip install '.[test]')"
-    return script
 
 
 def run(*args: str, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:

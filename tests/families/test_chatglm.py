@@ -23,7 +23,7 @@ from mlxfam.models.chatglm import (
 )
 from mlxfam.models.chatglm2 import ChatGLM2Attention, chatglm2_config
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
+GOLDEN = Path(__file__).parents[1] / "data" / "golden"
 VARIANTS = ("chatglm1", "chatglm2", "chatglm3")
 
 

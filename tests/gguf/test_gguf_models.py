@@ -8,68 +8,14 @@ import gguf_writer as gw
 import mlx.core as mx
 import numpy as np
 import pytest
+from gguf_writer import write_yi_gguf
 
 import mlxfam
 from mlxfam.errors import MlxfamError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 YI = DATA / "golden" / "yi"
 REAL = DATA / "golden-real" / "smollm2-135m"
-
-_GGUF_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def gguf_name(hf_name: str) -> str:
-    stem = hf_name.removesuffix(".weight")
-    if stem.startswith("model.layers."):
-        _, _, layer, part = stem.split(".", 3)
-        return f"blk.{layer}.{_GGUF_NAMES[part]}.weight"
-    return {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}[stem] + ".weight"
-
-
-def write_yi_gguf(path: Path, kind: int) -> dict[str, np.ndarray]:
-    """Writes the yi golden as a llama.cpp GGUF with matrices in `kind`; returns the HF-named
-    weights the file encodes (dequantized by the reference decoder)."""
-    config = json.loads((YI / "config.json").read_text())
-    weights = {k: np.array(v) for k, v in mx.load(str(YI / "model.safetensors")).items()}
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    tensors, decoded = {}, {}
-    for name, w in weights.items():
-        target = gw.F32 if w.ndim == 1 else kind
-        stored = w
-        part = gguf_name(name).split(".")[2] if name.startswith("model.layers.") else None
-        if part in heads:
-            stored = gw.llama_cpp_permute(w, heads[part])
-        data = gw.encode_tensor(stored, target)
-        tensors[gguf_name(name)] = (data, w.shape, target)
-        if target in (gw.Q4_0, gw.Q4_1, gw.Q8_0):
-            # Rows move whole under the permutation, so decoding the unpermuted rows is the same.
-            decoded[name] = gw.dequantize(gw.encode_tensor(w, target), target, w.shape)
-        else:
-            decoded[name] = w.astype(np.float16).astype(np.float32) if target == gw.F16 else w
-    metadata = {
-        "general.architecture": "llama",
-        "llama.block_count": config["num_hidden_layers"],
-        "llama.context_length": config["max_position_embeddings"],
-        "llama.embedding_length": config["hidden_size"],
-        "llama.feed_forward_length": config["intermediate_size"],
-        "llama.attention.head_count": config["num_attention_heads"],
-        "llama.attention.head_count_kv": config["num_key_value_heads"],
-        "llama.attention.layer_norm_rms_epsilon": config["rms_norm_eps"],
-        "llama.rope.freq_base": config["rope_theta"],
-    }
-    gw.write(path, metadata, tensors)
-    return decoded
 
 
 def golden_logits(model, ids) -> np.ndarray:

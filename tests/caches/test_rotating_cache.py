@@ -10,7 +10,7 @@ import pytest
 import mlxfam
 from mlxfam.cache import KVCache, RotatingKVCache
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
+GOLDEN = Path(__file__).parents[1] / "data" / "golden"
 
 
 def test_standard_cache_preallocates_in_steps():

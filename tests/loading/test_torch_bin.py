@@ -21,15 +21,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch_bin_writer as tw
+from golden import run_golden
 from huggingface_hub.utils import filter_repo_objects
-from test_golden import run_golden
 
 import mlxfam
 from mlxfam import hub, torch_bin
 from mlxfam.errors import MlxfamError
 
-GOLDEN = Path(__file__).parent / "data" / "golden" / "llama2"
-REAL_TORCH = Path(__file__).parent / "data" / "torch_bin"  # written by torch.save itself, see its README
+GOLDEN = Path(__file__).parents[1] / "data" / "golden" / "llama2"
+REAL_TORCH = Path(__file__).parents[1] / "data" / "torch_bin"  # written by torch.save itself, see its README
 
 
 @pytest.fixture(scope="module")

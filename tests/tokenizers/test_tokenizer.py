@@ -12,13 +12,13 @@ import mlx.core as mx
 import pytest
 import sentencepiece
 import tokenizers
+from llama_cpp_vocab import VOCABS, llama_cpp_cases, llama_cpp_ids
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
 from mlxfam.errors import MlxfamError
 from mlxfam.tokenizer import load_tokenizer, tokenizer_from_gguf
 
-DATA = Path(__file__).parent / "data" / "tokenizers"
-VOCABS = DATA / "llama.cpp-vocab"
+DATA = Path(__file__).parents[1] / "data" / "tokenizers"
 VOCAB_NAMES = ["llama-spm", "llama-bpe", "qwen2", "gpt-2"]
 
 # Texts whose tokens split multi-byte characters (byte fallback, byte-level BPE) and need the SPM space rules.
@@ -30,20 +30,6 @@ STREAMING_TEXTS = [
     "🦙🚀 😶‍🌫️ emoji ✅ and 👩🏽‍💻 zwj sequences",
     "def f(x):\n\treturn {'a': [1, 2]}  # ½ → ∞",
 ]
-
-
-def llama_cpp_cases(name: str) -> list[tuple[str, list[int]]]:
-    """(text, ids) pairs as llama.cpp's test-tokenizer-0 reads them: texts separated by
-    "\\n__ggml_vocab_test__\\n" (so each keeps no trailing newline of its own), one line of ids per text."""
-    raw = (VOCABS / f"ggml-vocab-{name}.gguf.inp").read_bytes().decode("utf-8")
-    texts = raw.split("\n__ggml_vocab_test__\n")
-    assert texts.pop() == ""  # the file ends with a separator
-    lines = (VOCABS / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8").splitlines()
-    return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, lines, strict=True)]
-
-
-def llama_cpp_ids(name: str, text: str) -> list[int]:
-    return dict(llama_cpp_cases(name))[text]
 
 
 @pytest.fixture(scope="module")
