@@ -97,6 +97,9 @@ ALIASES: dict[str, Alias] = {
         Alias("gemma2-2b", "google/gemma-2-2b-it", "Gemma 2 2B instruct (gated)"),
         Alias("gemma2-9b", "google/gemma-2-9b-it", "Gemma 2 9B instruct (gated)"),
         Alias("gemma2-27b", "google/gemma-2-27b-it", "Gemma 2 27B instruct (gated)"),
+        Alias("gemma3-270m", "google/gemma-3-270m-it", "Gemma 3 270M instruct (gated)"),
+        Alias("gemma3-1b", "google/gemma-3-1b-it", "Gemma 3 1B instruct (gated)"),
+        Alias("gemma3-4b", "google/gemma-3-4b-it", "Gemma 3 4B instruct, its text part (gated)"),
         Alias("gpt2", "openai-community/gpt2", "GPT-2 124M (base)"),
     ]
 }
