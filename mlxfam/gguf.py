@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from .errors import MlxfamError
 from .gguf_quants import GGUFQuantized, tensor_to_mlx
-from .gguf_reader import read_gguf
+from .gguf_split import read_model_gguf
 
 if TYPE_CHECKING:
     from .models.family import GgufNames
@@ -90,8 +90,9 @@ def hf_config_from_metadata(metadata: dict, tensors: dict, path: Path) -> dict:
 
 
 def read(path: Path) -> tuple[dict, dict[str, mx.array], dict]:
-    """Returns (HF config dict, HF-named tensors, raw GGUF metadata for the tokenizer)."""
-    gguf_file = read_gguf(path)
+    """Returns (HF config dict, HF-named tensors, raw GGUF metadata for the tokenizer); `path` may be the first
+    part of a split GGUF, whose other parts are read with it."""
+    gguf_file = read_model_gguf(path)
     metadata, tensors = gguf_file.metadata, _mlx_tensors(gguf_file, path)
     config = hf_config_from_metadata(metadata, tensors, path)
     names = _names(metadata, path)
