@@ -23,7 +23,11 @@ from mlxfam.quantize import BITS, GROUP_SIZES, RECIPES
 
 from .chat import ChatSession, render_prompt, run_chat, stats_lines, terminal_lines
 
-MODEL_HELP = "an alias (see `mlxfam list`), a Hugging Face repo id (owner/name), a model directory or a .gguf file"
+MODEL_HELP = (
+    "an alias (see `mlxfam list`), a Hugging Face repo id (owner/name or hf.co/owner/name; owner/name:Q4_K_M picks "
+    "a GGUF file by its quant tag), a model directory (DIR:TAG picks among its GGUF files) or a .gguf file (the "
+    "first part of a split one)"
+)
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -187,13 +191,30 @@ def cmd_chat(args: argparse.Namespace) -> None:
     run_chat(session, terminal_lines() if interactive else sys.stdin, interactive=interactive, show_stats=args.verbose)
 
 
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell, but the last."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for *cells, last in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)), last, sep="  ")
+
+
+def human_size(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
 def cmd_list(args: argparse.Namespace) -> None:
     rows = [("ALIAS", "REPO", "DESCRIPTION", "DOWNLOADED")]
     for status in hub.list_models():
         rows.append((status.alias.name, status.alias.repo, status.alias.description, str(status.location or "no")))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for *cells, location in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)), location, sep="  ")
+    print_table(rows)
+    ggufs = hub.cached_ggufs()
+    if ggufs:
+        print()
+        rows = [("CACHED GGUF", "TAG", "SIZE", "PATH")]
+        for gguf in ggufs:
+            parts = f" ({gguf.parts} parts)" if gguf.parts > 1 else ""
+            rows.append((gguf.reference, gguf.tag or "-", human_size(gguf.size), f"{gguf.path}{parts}"))
+        print_table(rows)
 
 
 def parameter_counts(model) -> Counter:
@@ -321,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.set_defaults(run=cmd_chat)
 
-    listing = commands.add_parser("list", help="list the model aliases and which are downloaded")
+    listing = commands.add_parser(
+        "list", help="list the model aliases, which are downloaded, and the cached GGUF files"
+    )
     listing.set_defaults(run=cmd_list)
 
     inspect = commands.add_parser(

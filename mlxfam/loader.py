@@ -16,10 +16,13 @@ from mlx.utils import tree_flatten
 
 from . import gguf, hub, torch_bin
 from .errors import MlxfamError
+from .gguf_reader import read_gguf
+from .gguf_split import split_parts
 from .models import family_for
 from .models.base import CausalLM
 from .quantize import make_plan, quantize_model
-from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+from .tokenizer import Tokenizer, tokenizer_from_gguf
+from .tokenizer import load_tokenizer as load_directory_tokenizer
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -219,7 +222,7 @@ def load_model_dir(model_dir: Path, dtype: mx.Dtype | None) -> tuple[CausalLM, T
     weights = load_weights(weight_files(model_dir))
     quantization = mlx_quantization(hf_config, weights, str(model_dir))
     model = build_model(hf_config, weights, dtype, source=str(model_dir), quantization=quantization)
-    return model, load_tokenizer(model_dir), hf_config
+    return model, load_directory_tokenizer(model_dir), hf_config
 
 
 def load_gguf(path: Path, dtype: mx.Dtype | None) -> tuple[CausalLM, Tokenizer | None, dict]:
@@ -241,7 +244,8 @@ def load(
     quantize: int | None = None,
     group_size: int | None = None,
 ) -> tuple[CausalLM, Tokenizer | None]:
-    """Loads an alias, HF repo id, local directory or `.gguf` file.
+    """Loads an alias, HF repo id, local directory or `.gguf` file (the first part of a split one); a repo id or
+    directory may end in `:TAG` to pick one of its GGUF files by quant tag (`owner/name:Q4_K_M`).
 
     `dtype` casts the floating-point weights (float16, bfloat16 or float32); by default they keep
     the checkpoint's dtype. Quantized tensors (GGUF Q4_0/Q4_1/Q8_0, MLX-quantized) stay quantized.
@@ -256,3 +260,15 @@ def load(
     if not lazy:
         mx.eval(model.parameters())
     return model, tokenizer
+
+
+def load_tokenizer(ref: str | Path) -> Tokenizer | None:
+    """The tokenizer of an alias, HF repo id, local directory or `.gguf` file (a vocabulary-only GGUF too),
+    without building the model or reading its weights (a reference not yet downloaded is downloaded as `load`
+    would); None when the checkpoint has no tokenizer."""
+    path = hub.resolve(str(ref))
+    if path.suffix != ".gguf":
+        return load_directory_tokenizer(path)
+    split_parts(path)  # a split model's vocabulary is in its first part: the others are refused
+    metadata = read_gguf(path).metadata
+    return tokenizer_from_gguf(metadata) if "tokenizer.ggml.model" in metadata else None
