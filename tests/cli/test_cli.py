@@ -4,6 +4,7 @@ Tests marked `end_to_end` load SmolLM2-135M through the whole library (hub, load
 tokenizer, generation), so they fail while any of those parts is missing or broken.
 """
 
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from commands import mlxfam_command
 from mlxfam_apps.chat import ChatSession, run_chat
 
 import mlxfam
+from mlxfam import hub
 
 CAPITAL_QUESTION = "What is the capital of France?"
 
@@ -109,6 +111,27 @@ def test_list_shows_download(smollm2_gguf):
     assert result.returncode == 0, result.stderr
     (row,) = [line for line in result.stdout.splitlines() if line.startswith("smollm2-135m ")]
     assert not row.endswith(" no"), row
+
+
+def test_list_shows_cached_ggufs(tmp_path):
+    split = tmp_path / "hf" / "models--owner--name-GGUF" / "snapshots" / ("a" * 40)
+    split.mkdir(parents=True)
+    for part in (1, 2):
+        (split / f"name-Q8_0-{part:05d}-of-00002.gguf").write_bytes(b"G" * 1_500_000)
+    (tmp_path / "hf" / "models--owner--name-GGUF" / "refs").mkdir()
+    (tmp_path / "hf" / "models--owner--name-GGUF" / "refs" / "main").write_text("a" * 40)
+    (tmp_path / "mlxfam" / "mine").mkdir(parents=True)
+    (tmp_path / "mlxfam" / "mine" / "model-IQ4_XS.gguf").write_bytes(b"G" * 2_000_000)
+    env = {**os.environ, "MLXFAM_CACHE": str(tmp_path / "mlxfam"), "HF_HUB_CACHE": str(tmp_path / "hf")}
+    result = subprocess.run([mlxfam_command(), "list"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[len(hub.ALIASES) + 2 :]]
+    assert rows == [
+        ["CACHED", "GGUF", "TAG", "SIZE", "PATH"],
+        ["owner/name-GGUF:Q8_0", "Q8_0", "3.0", "MB", str(split / "name-Q8_0-00001-of-00002.gguf"), "(2", "parts)"],
+        [str(tmp_path / "mlxfam" / "mine" / "model-IQ4_XS.gguf"), "IQ4_XS", "2.0", "MB"]
+        + [str(tmp_path / "mlxfam" / "mine" / "model-IQ4_XS.gguf")],
+    ]
 
 
 @pytest.mark.end_to_end
