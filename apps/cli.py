@@ -209,11 +209,11 @@ def cmd_list(args: argparse.Namespace) -> None:
     print_table(rows)
     ggufs = hub.cached_ggufs()
     if ggufs:
-        print()
-        rows = [("CACHED GGUF", "TAG", "SIZE", "PATH")]
+        print("\nCached GGUF files:")
+        rows = [("TAG", "SIZE", "REFERENCE", "PATH")]
         for gguf in ggufs:
             parts = f" ({gguf.parts} parts)" if gguf.parts > 1 else ""
-            rows.append((gguf.reference, gguf.tag or "-", human_size(gguf.size), f"{gguf.path}{parts}"))
+            rows.append((gguf.tag or "-", human_size(gguf.size), gguf.reference, f"{gguf.path}{parts}"))
         print_table(rows)
 
 

@@ -125,12 +125,13 @@ def test_list_shows_cached_ggufs(tmp_path):
     env = {**os.environ, "MLXFAM_CACHE": str(tmp_path / "mlxfam"), "HF_HUB_CACHE": str(tmp_path / "hf")}
     result = subprocess.run([mlxfam_command(), "list"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-    rows = [line.split() for line in result.stdout.splitlines()[len(hub.ALIASES) + 2 :]]
-    assert rows == [
-        ["CACHED", "GGUF", "TAG", "SIZE", "PATH"],
-        ["owner/name-GGUF:Q8_0", "Q8_0", "3.0", "MB", str(split / "name-Q8_0-00001-of-00002.gguf"), "(2", "parts)"],
-        [str(tmp_path / "mlxfam" / "mine" / "model-IQ4_XS.gguf"), "IQ4_XS", "2.0", "MB"]
-        + [str(tmp_path / "mlxfam" / "mine" / "model-IQ4_XS.gguf")],
+    lines = result.stdout.splitlines()[len(hub.ALIASES) + 1 :]
+    assert lines[:2] == ["", "Cached GGUF files:"]
+    mine = str(tmp_path / "mlxfam" / "mine" / "model-IQ4_XS.gguf")
+    assert [line.split() for line in lines[2:]] == [
+        ["TAG", "SIZE", "REFERENCE", "PATH"],
+        ["Q8_0", "3.0", "MB", "owner/name-GGUF:Q8_0", str(split / "name-Q8_0-00001-of-00002.gguf"), "(2", "parts)"],
+        ["IQ4_XS", "2.0", "MB", mine, mine],
     ]
 
 
