@@ -19,6 +19,9 @@ GGUF = Path(__file__).parents[1] / "data" / "gguf"
 
 # fixture -> the golden checkpoint it was converted from
 EXACT = {"mixtral": "mixtral", "gpt2": "gpt2", "minicpm": "minicpm"}
+# fixture -> what the format drops; the reference (<fixture>.npz, tests/fixtures/make_gguf_references.py) is
+# transformers on the golden checkpoint without it, as llama.cpp computes the file.
+LLAMA_CPP_SEMANTICS = {"mistral": "sliding window", "internlm2": "dynamic NTK"}
 QUANTIZED = {"mixtral-q8_0": "mixtral", "gpt2-q8_0": "gpt2"}
 
 
@@ -26,6 +29,17 @@ QUANTIZED = {"mixtral-q8_0": "mixtral", "gpt2-q8_0": "gpt2"}
 def test_float32_gguf_gives_golden_logits(fixture):
     model, _ = mlxfam.load(GGUF / f"{fixture}.gguf", dtype="float32")
     assert_matches_golden(model, EXACT[fixture], atol=FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("fixture", sorted(LLAMA_CPP_SEMANTICS))
+def test_float32_gguf_gives_llama_cpp_logits_where_the_format_drops_a_feature(fixture):
+    model, _ = mlxfam.load(GGUF / f"{fixture}.gguf", dtype="float32")
+    reference = np.load(GGUF / f"{fixture}.npz")
+    prefill, decode = run_golden(model, reference)
+    np.testing.assert_allclose(prefill, reference["prefill_logits"], atol=FP32_TOLERANCE, rtol=FP32_TOLERANCE)
+    np.testing.assert_allclose(decode, reference["decode_logits"], atol=FP32_TOLERANCE, rtol=FP32_TOLERANCE)
+    # ... and the feature matters on this input: the golden (with it) differs.
+    assert np.abs(prefill - golden(fixture)["prefill_logits"]).max() > 100 * FP32_TOLERANCE
 
 
 @pytest.mark.parametrize("fixture", sorted(QUANTIZED))
