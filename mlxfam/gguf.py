@@ -12,6 +12,7 @@ half-split rotary like the family's HF checkpoints.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,17 @@ def _hf_name(name: str, names: GgufNames, path: Path) -> str:
     raise MlxfamError(f"{path}: unexpected tensor {name!r} for a {names.architecture}-architecture GGUF")
 
 
+def _split_rows(name: str, tensor: mx.array, blocks: dict[str, int], path: Path) -> dict[str, mx.array]:
+    """A fused tensor's row blocks (weight, quantization scales/biases and bias rows alike) under their HF names."""
+    if sum(blocks.values()) != tensor.shape[0]:
+        expected = " + ".join(f"{rows} ({hf_name})" for hf_name, rows in blocks.items())
+        raise MlxfamError(f"{path}: tensor {name} has {tensor.shape[0]} rows, expected {expected}")
+    offsets = list(itertools.accumulate(blocks.values()))[:-1]
+    _, layer, _, suffix = name.split(".")
+    parts = mx.split(tensor, offsets, axis=0)
+    return {f"model.layers.{layer}.{hf_name}.{suffix}": part for hf_name, part in zip(blocks, parts)}
+
+
 def _unpermute_rows(x: mx.array, heads: int) -> mx.array:
     """Inverse of llama.cpp's `permute`: per head, rows (pair, half) go back to (half, pair)."""
     rows = x.shape[0]
@@ -105,7 +117,10 @@ def read(path: Path) -> tuple[dict, dict[str, mx.array], dict]:
         part = name.split(".")[2] if name.startswith("blk.") else None
         if part in heads:  # weight, quantization scales/biases and bias rows alike
             tensor = _unpermute_rows(tensor, heads[part])
-        weights[_hf_name(name, names, path)] = tensor
+        if part in names.fused:
+            weights.update(_split_rows(name, tensor, names.fused[part](config), path))
+        else:
+            weights[_hf_name(name, names, path)] = tensor
     return config, weights, metadata
 
 

@@ -68,6 +68,8 @@ class GgufNames:
     permuted_heads: Mapping[str, str]
     # (the file's `<architecture>.<key>` fields, its tensors, the file) -> the HF config.json dict.
     config: Callable[[ArchitectureMetadata, dict, Path], dict]
+    # <name> of the tensors llama.cpp keeps fused -> (the HF config -> the HF names of its row blocks: row counts).
+    fused: Mapping[str, Callable[[dict], Mapping[str, int]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

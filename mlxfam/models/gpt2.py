@@ -8,13 +8,15 @@ Llama layout, and its Conv1D weights, stored [in, out], are transposed.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import MlxfamError
+from ..gguf import ArchitectureMetadata
 from .base import MLP, CausalLM, DecoderLayer, DecoderModel, ModelConfig, require
-from .family import Family, Traits
+from .family import Family, GgufNames, Traits
 
 _TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh")
 
@@ -119,6 +121,47 @@ def sanitize(weights: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+# --- GGUF (llama.cpp's `gpt2` architecture) ---------------------------------------------------------------
+
+
+def gguf_config(field: ArchitectureMetadata, tensors: dict, path: Path) -> dict:
+    """The HF config.json of a gpt2-architecture GGUF: llama.cpp's graph is GPT-2's (tanh GELU, 1/sqrt(head_dim))."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_embd": int(field("embedding_length")),
+        "n_inner": int(field("feed_forward_length")),
+        "n_layer": int(field("block_count")),
+        "n_head": int(field("attention.head_count")),
+        "layer_norm_epsilon": float(field("attention.layer_norm_epsilon")),
+        "n_positions": int(tensors["position_embd.weight"].shape[0]),
+        "vocab_size": int(tensors["token_embd.weight"].shape[0]),
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+
+
+GGUF = GgufNames(
+    architecture="gpt2",
+    layer_names={
+        "attn_norm": "input_layernorm",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    },
+    global_names={
+        "token_embd": "model.embed_tokens",
+        "position_embd": "model.embed_positions",
+        "output_norm": "model.norm",
+        "output": "lm_head",
+    },
+    permuted_heads={},
+    config=gguf_config,
+    # c_attn, transposed to [out, in] by the converter: rows [q; k; v].
+    fused={"attn_qkv": lambda hf: {f"self_attn.{p}_proj": hf["n_embd"] for p in "qkv"}},
+)
+
+
 FAMILY = Family(
     name="gpt2",
     description="GPT-2",
@@ -137,4 +180,5 @@ FAMILY = Family(
         head="tied",
         tokenizer="byte-level BPE",
     ),
+    gguf=GGUF,
 )

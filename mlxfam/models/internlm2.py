@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import mlx.core as mx
 
 from ..chat_formats import ChatFormat, split_system
 from ..errors import MlxfamError
+from ..gguf import ArchitectureMetadata
 from ..tokenizer.core import FileDefaults, TokenizerSource, Vocabulary, token_text
 from .base import CausalLM, DecoderModel, ModelConfig
 from .family import Family, TokenizerRules, Traits
+from .llama import GGUF as LLAMA_GGUF
+from .llama import gguf_config as llama_gguf_config
 from .llama import llama_config
 
 _ROPE_SCALINGS = ("dynamic", "linear")  # what the original code accepts
@@ -123,6 +127,25 @@ TOKENIZER = TokenizerRules(
 )
 
 
+def gguf_config(field: ArchitectureMetadata, tensors: dict, path: Path) -> dict:
+    """An internlm2-architecture GGUF: Llama's fields. The format has no dynamic NTK: llama.cpp rotates with the
+    plain base at every length, and so does this config."""
+    config = llama_gguf_config(field, tensors, path)
+    if "num_local_experts" in config:
+        raise MlxfamError(f"{path}: InternLM2 with experts (internlm2.expert_count) is not supported")
+    return {
+        **config,
+        "architectures": ["InternLM2ForCausalLM"],
+        "model_type": "internlm2",
+        "bias": "blk.0.attn_q.bias" in tensors,
+    }
+
+
+# Llama's tensor names: the converter splits wqkv per kv group into attn_q / attn_k / attn_v and permutes q and k
+# rows as it does for Llama.
+GGUF = replace(LLAMA_GGUF, architecture="internlm2", config=gguf_config)
+
+
 FAMILY = Family(
     name="internlm2",
     description="InternLM2 (1.8B, 7B, 20B)",
@@ -137,4 +160,5 @@ FAMILY = Family(
         scalings="legacy dynamic NTK (keys keep their base)",
     ),
     tokenizer=TOKENIZER,
+    gguf=GGUF,
 )

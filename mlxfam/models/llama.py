@@ -125,6 +125,14 @@ def gguf_config(field: ArchitectureMetadata, tensors: dict, path: Path) -> dict:
             config["rope_scaling"]["original_max_position_embeddings"] = int(original)
     elif scaling != "none":
         raise MlxfamError(f"{path}: GGUF rope scaling {scaling!r} is not supported (supported: linear, yarn)")
+    experts = field.get("expert_count", 0)
+    if experts:  # Mixtral: llama.cpp's llama architecture with a softmax top-k router over SwiGLU experts
+        config.update(
+            architectures=["MixtralForCausalLM"],
+            model_type="mixtral",
+            num_local_experts=int(experts),
+            num_experts_per_tok=int(field("expert_used_count")),
+        )
     return config
 
 
@@ -140,6 +148,11 @@ GGUF = GgufNames(
         "ffn_gate": "mlp.gate_proj",
         "ffn_up": "mlp.up_proj",
         "ffn_down": "mlp.down_proj",
+        # Mixtral's router and its experts, stacked [expert, out, in] as mixtral.py's SwitchGLU holds them.
+        "ffn_gate_inp": "block_sparse_moe.gate",
+        "ffn_gate_exps": "block_sparse_moe.switch_mlp.gate_proj",
+        "ffn_up_exps": "block_sparse_moe.switch_mlp.up_proj",
+        "ffn_down_exps": "block_sparse_moe.switch_mlp.down_proj",
     },
     global_names={"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"},
     # llama.cpp's converter permutes q and k rows for its interleaved rotary.

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import mlx.core as mx
 
 from ..chat_formats import ChatFormat
 from ..errors import MlxfamError
+from ..gguf import ArchitectureMetadata
 from ..tokenizer.core import FileDefaults, TokenizerSource, Vocabulary
 from .base import CausalLM, DecoderLayer, DecoderModel, ModelConfig
 from .family import Family, TokenizerRules, Traits
+from .llama import GGUF as LLAMA_GGUF
+from .llama import gguf_config as llama_gguf_config
 from .llama import llama_config, sanitize
 
 ROPE_TYPES = ("default", "linear", "dynamic")  # what MiniCPMConfig accepts
@@ -80,6 +84,29 @@ TOKENIZER = TokenizerRules(
 )
 
 
+def gguf_config(field: ArchitectureMetadata, tensors: dict, path: Path) -> dict:
+    """A minicpm-architecture GGUF: Llama's fields plus the three scalings, with llama.cpp's defaults where the
+    file leaves one out (those of MiniCPM-2B, and a logit scale of 256 / hidden size)."""
+    config = llama_gguf_config(field, tensors, path)
+    if "num_local_experts" in config:
+        raise MlxfamError(f"{path}: MiniCPM with experts (minicpm.expert_count) is not supported")
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    residual_scale = float(field("residual_scale", 1.4 / math.sqrt(layers)))
+    return {
+        **config,
+        "architectures": ["MiniCPMForCausalLM"],
+        "model_type": "minicpm",
+        "scale_emb": float(field("embedding_scale", 12.0)),
+        "scale_depth": residual_scale * math.sqrt(layers),
+        # llama.cpp divides the logits by logit_scale; the original divides h by hidden_size / dim_model_base.
+        "dim_model_base": hidden / float(field("logit_scale", 256.0 / hidden)),
+    }
+
+
+# Llama's tensor names; the converter permutes q and k rows as it does for Llama.
+GGUF = replace(LLAMA_GGUF, architecture="minicpm", config=gguf_config)
+
+
 FAMILY = Family(
     name="minicpm",
     description="MiniCPM 1B/2B",
@@ -93,4 +120,5 @@ FAMILY = Family(
         scalings="embed x scale_emb; residuals x scale_depth/sqrt(L); logits of h/(H/dim_model_base)",
     ),
     tokenizer=TOKENIZER,
+    gguf=GGUF,
 )
